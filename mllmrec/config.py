@@ -1,0 +1,40 @@
+"""Config helpers: resolvers and range checks run before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mllmrec.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EMBEDDED_DATASETS = Path(__file__).resolve().parent / "datasets"
+
+if not OmegaConf.has_resolver("mllmrec_datasets"):
+    OmegaConf.register_new_resolver("mllmrec_datasets", lambda: str(EMBEDDED_DATASETS))
+
+
+def _check(cfg: DictConfig, key: str, ok, message: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    try:
+        good = ok(value)
+    except TypeError:
+        good = False
+    if not good:
+        raise ConfigError(key, f"{message}, got {value!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse out-of-range settings up front, naming the key."""
+    _check(cfg, "graph.alpha", lambda v: -1.0 <= float(v) <= 1.0, "must be in [-1, 1]")
+    for key in ("graph.k_s", "graph.k_c"):
+        _check(cfg, key, lambda v: int(v) == v and v >= 1, "must be an integer >= 1")
+    _check(cfg, "graph.layers", lambda v: int(v) == v and v >= 0, "must be an integer >= 0")
+    for key in ("model.d", "model.d1", "data.batch_size", "data.eval_batch_size"):
+        _check(cfg, key, lambda v: int(v) == v and v >= 1, "must be an integer >= 1")
+    _check(cfg, "model.lr", lambda v: float(v) > 0, "must be > 0")
+    _check(cfg, "reason.history", lambda v: v in ("train", "all"), "must be 'train' or 'all'")
+    _check(cfg, "model.user_init", lambda v: v in ("preference", "random"), "must be 'preference' or 'random'")

@@ -1,0 +1,145 @@
+"""LightningDataModule: BPR training triplets and full-ranking evaluation batches.
+
+All tensors are built once in ``setup`` directly on the trainer's device (GPU when present), so
+neither sampling nor evaluation copies the dataset from the host on every step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytorch_lightning as pl
+import scipy.sparse as sp
+import torch
+
+from mllmrec.data import TRAIN, VALID, TEST, RecData
+from mllmrec.metrics import make_eval_batch
+
+log = logging.getLogger(__name__)
+
+
+def sample_negatives(
+    users: torch.Tensor, train_keys: torch.Tensor, n_items: int, generator: torch.Generator, max_rounds: int = 1000
+) -> torch.Tensor:
+    """One uniform negative per row among the items ``users[row]`` has no training interaction with.
+
+    ``train_keys`` is the sorted tensor of ``user * n_items + item`` over the training pairs.
+    Collisions are redrawn, vectorised, until none is left.
+    """
+    neg = torch.randint(n_items, users.shape, generator=generator, device=users.device)
+    for _ in range(max_rounds):
+        bad = torch.isin(users * n_items + neg, train_keys).nonzero().squeeze(1)
+        if bad.numel() == 0:
+            return neg
+        neg[bad] = torch.randint(n_items, (bad.numel(),), generator=generator, device=users.device)
+    raise RuntimeError("negative sampling did not converge: some user interacted with (nearly) every item")
+
+
+class TripletEpochs:
+    """Iterable of (users, positives, negatives) batches; a fresh permutation and negatives per epoch.
+
+    The epoch's randomness is seeded by (seed, epoch), so a resumed run draws the same batches.
+    """
+
+    def __init__(self, dm: "RecDataModule"):
+        self.dm = dm
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        n = self.dm.train_users.numel()
+        return (n + self.dm.batch_size - 1) // self.dm.batch_size
+
+    def __iter__(self):
+        dm = self.dm
+        epoch = dm.trainer.current_epoch if dm.trainer is not None else self._epoch
+        self._epoch += 1
+        device = dm.train_users.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(dm.seed) * 1_000_003 + int(epoch))
+        perm = torch.randperm(dm.train_users.numel(), generator=gen, device=device)
+        users = dm.train_users[perm]
+        pos = dm.train_items[perm]
+        neg = sample_negatives(users, dm.train_keys, dm.n_items, gen)
+        for start in range(0, users.numel(), dm.batch_size):
+            end = start + dm.batch_size
+            yield users[start:end], pos[start:end], neg[start:end]
+
+
+class BatchList:
+    """A fixed sequence of prebuilt batches, seen by Lightning as ONE dataloader."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class RecDataModule(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 2048, eval_batch_size: int = 4096, seed: int = 999):
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size)
+        self.seed = int(seed)
+        self.data: RecData | None = None
+        self._device: torch.device | None = None
+
+    def attach(self, data: RecData) -> "RecDataModule":
+        self.data = data
+        return self
+
+    @property
+    def n_items(self) -> int:
+        return self.data.n_items
+
+    def _split_matrix(self, code: int) -> sp.csr_matrix:
+        d = self.data
+        mask = d.split == code
+        m = sp.csr_matrix(
+            (np.ones(int(mask.sum()), np.float32), (d.users[mask], d.items[mask])), shape=(d.n_users, d.n_items)
+        )
+        m.sum_duplicates()
+        return m
+
+    def eval_users(self, code: int) -> np.ndarray:
+        """Users evaluated on a split: with held-out items there and at least one training item."""
+        heldout = np.bincount(self.data.users[self.data.split == code], minlength=self.data.n_users) > 0
+        has_train = np.diff(self.data.train_matrix.indptr) > 0
+        return np.flatnonzero(heldout & has_train)
+
+    def setup(self, stage: str | None = None) -> None:
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self._device == device:
+            return
+        if self.data is None:
+            raise RuntimeError("RecDataModule.attach(data) must be called before training")
+        d = self.data
+        u, i = d.pairs(TRAIN)
+        self.train_users = torch.as_tensor(u, dtype=torch.long, device=device)
+        self.train_items = torch.as_tensor(i, dtype=torch.long, device=device)
+        self.train_keys = torch.sort(self.train_users * d.n_items + self.train_items).values
+        train = d.train_matrix
+        self.eval_batches = {}
+        for name, code in (("valid", VALID), ("test", TEST)):
+            heldout = self._split_matrix(code)
+            users = self.eval_users(code)
+            batches = []
+            for start in range(0, len(users), self.eval_batch_size):
+                b = make_eval_batch(users[start : start + self.eval_batch_size], train, heldout)
+                batches.append({k: v.to(device) for k, v in b.items()})
+            self.eval_batches[name] = batches
+            log.info("%s: %d users evaluated in %d batch(es)", name, len(users), len(batches))
+        self._device = device
+
+    def train_dataloader(self):
+        return TripletEpochs(self)
+
+    def val_dataloader(self):
+        return BatchList(self.eval_batches["valid"])
+
+    def test_dataloader(self):
+        return BatchList(self.eval_batches["test"])

@@ -1,0 +1,82 @@
+"""Wires the stages: data -> reason -> encode -> graph, reusing cached artifacts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from omegaconf import DictConfig
+
+from mllmrec import config as mconfig
+from mllmrec.cache import Artifact, ArtifactCache
+from mllmrec.data import RecData, load_dataset
+from mllmrec.texts import item_texts
+
+log = logging.getLogger(__name__)
+
+STAGE_ORDER = ("reason", "encode", "graph")
+
+
+@dataclass
+class Inputs:
+    data: RecData
+    user_features: np.ndarray | None = None
+    item_features: np.ndarray | None = None  # E*, the propagated item features
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+
+
+def load_data(cfg: DictConfig) -> RecData:
+    data = load_dataset(cfg.dataset.name, cfg.dataset.data_dir)
+    log.info("%s", data.summary())
+    return data
+
+
+def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
+    """Run (or reuse) every stage up to ``until`` and return what training needs."""
+    from stages import encode, graph, reason
+
+    mconfig.validate(cfg)
+    data = load_data(cfg)
+    cache = ArtifactCache(cfg.paths.cache_dir, cfg.dataset.name)
+    out = Inputs(data)
+    stop = STAGE_ORDER.index(until)
+
+    out.artifacts["reason"] = reason.run(cfg, data, cache)
+    if stop < 1:
+        return out
+    encoder = encode.Encoder(cfg.encoder)
+    items_art = encode.run(cfg, cache, item_texts(data), "items", encoder)
+    out.artifacts["encode/items"] = items_art
+    features = encode.load(items_art)
+    if cfg.model.get("user_init", "preference") == "random":  # "w/o RS": random user inputs
+        rng = np.random.default_rng(int(cfg.seed))
+        users = rng.standard_normal((data.n_users, features.shape[1])).astype(np.float32)
+        out.user_features = users / np.linalg.norm(users, axis=1, keepdims=True)
+    else:
+        users_art = encode.run(cfg, cache, reason.load_texts(out.artifacts["reason"]), "users", encoder)
+        out.artifacts["encode/users"] = users_art
+        out.user_features = encode.load(users_art)
+    if stop < 2:
+        out.item_features = features
+        return out
+    graph_art = graph.run(cfg, data, cache, features, items_art.key)
+    out.artifacts["graph"] = graph_art
+    out.item_features = graph.load_item_star(graph_art)
+    return out
+
+
+def stage_cli(stage: str) -> None:
+    """``python -m stages.<stage> [overrides]``: run the stage (and what it needs), print artifact paths."""
+    import hydra
+
+    from mllmrec.errors import report_errors
+
+    @hydra.main(version_base="1.3", config_path=str(mconfig.CONF_DIR), config_name="stage")
+    @report_errors
+    def main(cfg: DictConfig) -> None:
+        inputs = build_inputs(cfg, until=stage)
+        for name, art in inputs.artifacts.items():
+            print(f"{name}: {art.path}{' (reused)' if art.reused else ''}")
+
+    main()

@@ -1,0 +1,40 @@
+"""Text construction: item descriptions D^m_i and behaviour lists (SPEC section 1, steps 2-3)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from mllmrec.data import TEXT_FIELDS, RecData
+
+log = logging.getLogger(__name__)
+
+LEAK_WARNING = (
+    "reason.history=all: the behaviour lists include VALIDATION and TEST items (the paper's "
+    "protocol); held-out interactions leak into the user representation and inflate metrics"
+)
+
+
+def item_texts(data: RecData, descriptions: Sequence[str] | None = None) -> list[str]:
+    """D^m_i: title, brand, categories, description (+ image description), joined with spaces."""
+    columns = [data.item_field(c) for c in TEXT_FIELDS]
+    if descriptions is not None:
+        if len(descriptions) != data.n_items:
+            raise ValueError(f"{len(descriptions)} image descriptions for {data.n_items} items")
+        columns.append([d or "" for d in descriptions])
+    return [" ".join(part for part in parts if part) for parts in zip(*columns)]
+
+
+def user_histories(data: RecData, history: str = "train"):
+    """Per user, the items that may enter the prompt: TRAINING items by default."""
+    if history not in ("train", "all"):
+        raise ValueError(f"reason.history must be 'train' or 'all', got {history!r}")
+    if history == "all":
+        log.warning(LEAK_WARNING)
+    return data.history(history)
+
+
+def title_lists(data: RecData, history: str = "train", separator: str = "; ") -> list[str]:
+    """The ``llm=none`` preference text: the user's item titles in history order."""
+    titles = data.item_field("title")
+    return [separator.join(titles[i] for i in items if titles[i]) for items in user_histories(data, history)]

@@ -1,0 +1,95 @@
+"""Entry point: ``python -m mllmrec.train [overrides] [-m]``.
+
+Runs the stages it needs (reusing cached artifacts), trains with early stopping on validation
+Recall@20, tests the best-validation checkpoint and writes ``metrics.json`` into the run dir.
+Returns ``val/recall@20`` to Hydra so that sweepers can optimise it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mllmrec import config as mconfig
+from mllmrec.errors import report_errors
+from mllmrec.pipeline import build_inputs
+
+log = logging.getLogger("mllmrec.train")
+
+
+def _instantiate_group(group: DictConfig | None) -> list:
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def run_dir() -> Path:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not launched by Hydra
+        return Path.cwd()
+
+
+def train(cfg: DictConfig) -> dict:
+    out_dir = run_dir()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    inputs = build_inputs(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    datamodule = instantiate(cfg.data).attach(inputs.data)
+    model = instantiate(
+        cfg.model,
+        user_features=torch.from_numpy(inputs.user_features),
+        item_features=torch.from_numpy(inputs.item_features),
+    )
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    fit_seconds = time.perf_counter() - start
+    if trainer.interrupted:
+        raise SystemExit(130)
+
+    ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)[0]
+    epochs = int(trainer.current_epoch)
+    metrics = {
+        **{k: v for k, v in model.best.items() if k.startswith("val/")},
+        **{k: float(v) for k, v in test.items()},
+        "best_epoch": int(model.best["epoch"]),
+        "epochs": epochs,
+        "fit_seconds": round(fit_seconds, 3),
+        "seconds_per_epoch": round(fit_seconds / max(epochs, 1), 4),
+        "checkpoint": ckpt,
+        "dataset": cfg.dataset.name,
+        "artifacts": {name: str(a.path) for name, a in inputs.artifacts.items()},
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info(
+        "%s: best epoch %d of %d | val R@20 %.4f | test R@10 %.4f R@20 %.4f N@10 %.4f N@20 %.4f | fit %.1fs (%.3fs/epoch) | %s",
+        cfg.dataset.name, metrics["best_epoch"], epochs, metrics["val/recall@20"], metrics["test/recall@10"],
+        metrics["test/recall@20"], metrics["test/ndcg@10"], metrics["test/ndcg@20"], fit_seconds,
+        metrics["seconds_per_epoch"], out_dir / "metrics.json",
+    )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=str(mconfig.CONF_DIR), config_name="train")
+@report_errors
+def main(cfg: DictConfig) -> float:
+    return float(train(cfg)["val/recall@20"])
+
+
+if __name__ == "__main__":
+    main()
