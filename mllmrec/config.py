@@ -11,8 +11,16 @@ from mllmrec.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EMBEDDED_DATASETS = Path(__file__).resolve().parent / "datasets"
 
+def safe_dirname(text: str, limit: int = 150) -> str:
+    """A job's overrides as ONE folder name (no path separators), of bounded length."""
+    text = str(text).replace("/", "|").replace("\\", "|").replace(":", "-")
+    return text[:limit] or "defaults"
+
+
 if not OmegaConf.has_resolver("mllmrec_datasets"):
     OmegaConf.register_new_resolver("mllmrec_datasets", lambda: str(EMBEDDED_DATASETS))
+if not OmegaConf.has_resolver("mllmrec_safe"):
+    OmegaConf.register_new_resolver("mllmrec_safe", safe_dirname)
 
 
 def _check(cfg: DictConfig, key: str, ok, message: str) -> None:

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 
 from mllmrec.data import TRAIN, VALID, TEST, RecData
-from mllmrec.metrics import make_eval_batch
+from mllmrec.metrics import make_eval_batch, sorted_contains
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def sample_negatives(
     """
     neg = torch.randint(n_items, users.shape, generator=generator, device=users.device)
     for _ in range(max_rounds):
-        bad = torch.isin(users * n_items + neg, train_keys).nonzero().squeeze(1)
+        bad = sorted_contains(train_keys, users * n_items + neg).nonzero().squeeze(1)
         if bad.numel() == 0:
             return neg
         neg[bad] = torch.randint(n_items, (bad.numel(),), generator=generator, device=users.device)

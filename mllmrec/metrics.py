@@ -34,17 +34,25 @@ def make_eval_batch(users: np.ndarray, train: sp.csr_matrix, heldout: sp.csr_mat
     }
 
 
+def sorted_contains(sorted_keys: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Elementwise membership of ``query`` in the sorted 1-d tensor ``sorted_keys``."""
+    pos = torch.searchsorted(sorted_keys, query).clamp_(max=max(sorted_keys.numel() - 1, 0))
+    return sorted_keys[pos] == query if sorted_keys.numel() else torch.zeros_like(query, dtype=torch.bool)
+
+
 def rank_topk(scores: torch.Tensor, mask_rows: torch.Tensor, mask_cols: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the top-k items per row after masking out the (row, col) pairs (training items)."""
-    scores = scores.clone()
-    scores[mask_rows, mask_cols] = -torch.inf
+    """Indices of the top-k items per row after masking out the (row, col) pairs (training items).
+
+    ``scores`` is modified in place.
+    """
+    scores.index_put_((mask_rows, mask_cols), torch.tensor(-torch.inf, device=scores.device, dtype=scores.dtype))
     return torch.topk(scores, min(k, scores.shape[1]), dim=1).indices
 
 
 def hits_at(topk: torch.Tensor, pos_keys: torch.Tensor, n_items: int) -> torch.Tensor:
     """Boolean [B, K]: is the item at each rank one of the user's held-out items."""
     rows = torch.arange(topk.shape[0], device=topk.device).unsqueeze(1)
-    return torch.isin(rows * n_items + topk, pos_keys)
+    return sorted_contains(pos_keys, rows * n_items + topk)
 
 
 def recall_ndcg(hits: torch.Tensor, n_pos: torch.Tensor, ks=KS) -> dict[str, torch.Tensor]:
@@ -66,7 +74,7 @@ def recall_ndcg(hits: torch.Tensor, n_pos: torch.Tensor, ks=KS) -> dict[str, tor
 
 
 def evaluate_batch(scores: torch.Tensor, batch: dict[str, torch.Tensor], ks=KS) -> dict[str, torch.Tensor]:
-    """Per-user metrics for one evaluation batch of full-ranking scores [B, n_items]."""
+    """Per-user metrics for one evaluation batch of full-ranking scores [B, n_items] (masked in place)."""
     topk = rank_topk(scores, batch["mask_rows"], batch["mask_cols"], max(ks))
     hits = hits_at(topk, batch["pos_keys"], scores.shape[1])
     return recall_ndcg(hits, batch["n_pos"], ks)

@@ -16,14 +16,23 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mllmrec import config as mconfig
-from mllmrec.errors import report_errors
+from mllmrec.errors import MLLMRecError, report_errors
+from mllmrec.loggers import build_loggers, finish_loggers
 from mllmrec.pipeline import build_inputs
 
 log = logging.getLogger("mllmrec.train")
+
+
+def write_metrics(out_dir: Path, metrics: dict) -> None:
+    """metrics.json, written atomically (a reader never sees half a file)."""
+    tmp = out_dir / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2))
+    tmp.replace(out_dir / "metrics.json")
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -52,7 +61,16 @@ def train(cfg: DictConfig) -> dict:
         item_features=torch.from_numpy(inputs.item_features),
     )
     callbacks = _instantiate_group(cfg.get("callbacks"))
-    loggers = _instantiate_group(cfg.get("logger"))
+    loggers = build_loggers(cfg)
+    metrics: dict = {}
+    try:
+        metrics = _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir)
+    finally:
+        finish_loggers(loggers, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return metrics
+
+
+def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: Path) -> dict:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     start = time.perf_counter()
@@ -65,6 +83,7 @@ def train(cfg: DictConfig) -> dict:
     test = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)[0]
     epochs = int(trainer.current_epoch)
     metrics = {
+        "status": "completed",
         **{k: v for k, v in model.best.items() if k.startswith("val/")},
         **{k: float(v) for k, v in test.items()},
         "best_epoch": int(model.best["epoch"]),
@@ -75,7 +94,7 @@ def train(cfg: DictConfig) -> dict:
         "dataset": cfg.dataset.name,
         "artifacts": {name: str(a.path) for name, a in inputs.artifacts.items()},
     }
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_metrics(out_dir, metrics)
     log.info(
         "%s: best epoch %d of %d | val R@20 %.4f | test R@10 %.4f R@20 %.4f N@10 %.4f N@20 %.4f | fit %.1fs (%.3fs/epoch) | %s",
         cfg.dataset.name, metrics["best_epoch"], epochs, metrics["val/recall@20"], metrics["test/recall@10"],
@@ -88,7 +107,16 @@ def train(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(mconfig.CONF_DIR), config_name="train")
 @report_errors
 def main(cfg: DictConfig) -> float:
-    return float(train(cfg)["val/recall@20"])
+    try:
+        return float(train(cfg)["val/recall@20"])
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        write_metrics(run_dir(), {"status": "failed", "error": f"{type(exc).__name__}: {message}"})
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # keep the sweep going: the summary marks this job failed, the others' results stand
+            log.error("job failed: %s", message, exc_info=not isinstance(exc, MLLMRecError))
+            return float("nan")
+        raise
 
 
 if __name__ == "__main__":

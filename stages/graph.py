@@ -30,7 +30,7 @@ def run(cfg, data: RecData, cache: ArtifactCache, features: np.ndarray, features
         "graph-knn",
         {"k_s": int(g.k_s)},
         {"features": features_key},
-        lambda out: _build_knn(out, features, int(g.k_s), g.get("device", "cpu")),
+        lambda out: _build_knn(out, features, int(g.k_s), _device(g.get("device", "auto"))),
     )
     cooc = None
     if g.enhance:
@@ -70,6 +70,14 @@ def run(cfg, data: RecData, cache: ArtifactCache, features: np.ndarray, features
         c["edges"], c["knn_edges_kept"], c["knn_candidates"], alpha, c["cooc_edges"], c["mean_degree"],
     )
     return art
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def _build_knn(out, features, k_s, device):
