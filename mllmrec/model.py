@@ -1,10 +1,16 @@
-"""LightningModule for MLLMRec (SPEC steps 13-15): two MLP towers over frozen text features, BPR."""
+"""LightningModules: MLLMRec (SPEC steps 13-15) and the shared ranking/evaluation machinery.
+
+Every model here scores y_ui = h_u . h_i. :class:`RankingModule` holds what they share: BPR
+training, Adam, full-ranking validation/test with prebuilt batches, and the best-epoch record.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+import pytorch_lightning as pl
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-import pytorch_lightning as pl
 from torch import nn
 
 from mllmrec.metrics import METRICS, evaluate_batch
@@ -33,56 +39,55 @@ def bpr_loss(h_u: torch.Tensor, h_pos: torch.Tensor, h_neg: torch.Tensor) -> tor
     return -F.logsigmoid((h_u * h_pos).sum(1) - (h_u * h_neg).sum(1)).mean()
 
 
-class MLLMRecModule(pl.LightningModule):
-    """Scores y_ui = h_u . h_i with h_u = tower_u(e_u) and h_i = tower_i(E*_i).
+def bipartite_norm_adj(train: sp.spmatrix) -> torch.Tensor:
+    """D^-1/2 A D^-1/2 of the (users + items) bipartite training graph, as a sparse CSR tensor."""
+    train = sp.csr_matrix(train, dtype=np.float32)
+    n_users, n_items = train.shape
+    adj = sp.bmat([[None, train], [train.T, None]], format="csr", dtype=np.float32)
+    adj.data[:] = 1.0
+    deg = np.asarray(adj.sum(axis=1)).ravel() + 1e-7
+    d = sp.diags(deg ** -0.5)
+    norm = sp.csr_matrix(d @ adj @ d, dtype=np.float32)
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(norm.indptr).long(), torch.from_numpy(norm.indices).long(),
+        torch.from_numpy(norm.data), size=norm.shape, check_invariants=True,
+    )
 
-    The inputs (user preference embeddings, propagated item embeddings E*) are frozen buffers,
-    computed once by the pipeline. Each training step runs the towers only on the distinct users
-    and items of the batch (identical gradients to a full forward, far less work).
-    """
 
-    def __init__(
-        self,
-        user_features: torch.Tensor,
-        item_features: torch.Tensor,
-        d: int = 64,
-        d1: int = 256,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
-        init: str = "xavier",
-        user_init: str = "preference",
-    ):
+def lightgcn_layers(adj: torch.Tensor, emb: torch.Tensor, layers: int, reduce: str = "sum") -> torch.Tensor:
+    out = [emb]
+    for _ in range(layers):
+        emb = adj @ emb
+        out.append(emb)
+    stacked = torch.stack(out, 0)
+    return stacked.sum(0) if reduce == "sum" else stacked.mean(0)
+
+
+class RankingModule(pl.LightningModule):
+    """Shared BPR training loop pieces and full-ranking evaluation."""
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0):
         super().__init__()
-        self.save_hyperparameters(ignore=["user_features", "item_features"])
-        self.register_buffer("user_feat", torch.as_tensor(user_features, dtype=torch.float32), persistent=False)
-        self.register_buffer("item_feat", torch.as_tensor(item_features, dtype=torch.float32), persistent=False)
-        self.user_tower = Tower(self.user_feat.shape[1], d1, d, init)
-        self.item_tower = Tower(self.item_feat.shape[1], d1, d, init)
         self.best = {"epoch": -1, "val/recall@20": -1.0}
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
-        self._h_items: torch.Tensor | None = None
+        self._eval_reprs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # ---- representations -------------------------------------------------------------
-    def user_repr(self, users: torch.Tensor | None = None) -> torch.Tensor:
-        return self.user_tower(self.user_feat if users is None else self.user_feat[users])
+    # subclasses implement these two
+    def batch_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    def item_repr(self, items: torch.Tensor | None = None) -> torch.Tensor:
-        return self.item_tower(self.item_feat if items is None else self.item_feat[items])
+    def representations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (h_users [n_users, d], h_items [n_items, d])."""
+        raise NotImplementedError
 
-    def score_users(self, users: torch.Tensor, h_items: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-ranking scores [len(users), n_items]."""
-        h_items = self.item_repr() if h_items is None else h_items
-        return self.user_repr(users) @ h_items.T
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        h_u, h_i = self._eval_reprs if self._eval_reprs is not None else self.representations()
+        return h_u[users] @ h_i.T
 
-    # ---- training --------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         users, pos, neg = batch
-        uniq_u, inv_u = torch.unique(users, return_inverse=True)
-        h_u = self.user_repr(uniq_u)[inv_u]
-        uniq_i, inv_i = torch.unique(torch.cat([pos, neg]), return_inverse=True)
-        h_pos, h_neg = self.item_repr(uniq_i)[inv_i].split(users.shape[0])
-        loss = bpr_loss(h_u, h_pos, h_neg)
+        loss = self.batch_loss(users, pos, neg)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=users.shape[0])
         return loss
 
@@ -91,14 +96,14 @@ class MLLMRecModule(pl.LightningModule):
             self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True
         )
 
-    # ---- evaluation ------------------------------------------------------------------
+    # ---- evaluation: one representation pass per epoch, batched scoring ----------------
     def _eval_start(self):
         self._sums = {m: torch.zeros((), dtype=torch.float64, device=self.device) for m in METRICS}
         self._count = 0
-        self._h_items = self.item_repr()
+        self._eval_reprs = self.representations()
 
     def _eval_step(self, batch):
-        scores = self.score_users(batch["users"], self._h_items)
+        scores = self.score_users(batch["users"])
         for m, v in evaluate_batch(scores, batch).items():
             self._sums[m] += v.sum()
         self._count += int(batch["users"].shape[0])
@@ -107,7 +112,7 @@ class MLLMRecModule(pl.LightningModule):
         values = {f"{prefix}/{m}": (self._sums[m] / max(self._count, 1)).float() for m in METRICS}
         for name, value in values.items():
             self.log(name, value, prog_bar=name.endswith("recall@20"))
-        self._h_items = None
+        self._eval_reprs = None
         return {k: float(v) for k, v in values.items()}
 
     def on_validation_epoch_start(self):
@@ -136,3 +141,63 @@ class MLLMRecModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.best = dict(checkpoint.get("mllmrec_best", self.best))
+
+
+class MLLMRecModule(RankingModule):
+    """y_ui = h_u . h_i with h_u = tower_u(e_u) and h_i = tower_i(E*_i).
+
+    The inputs (user preference embeddings, propagated item embeddings E*) are frozen buffers
+    computed once by the pipeline. Each training step runs the towers only on the distinct users
+    and items of the batch (the same gradients as a full forward, far less work).
+    ``ui_layers > 0`` ("w/ GCN_UI") adds a LightGCN over the normalised user-item training graph
+    on top of the normalised tower outputs (sum of layers); that needs a full forward per step.
+    """
+
+    def __init__(
+        self,
+        user_features: torch.Tensor,
+        item_features: torch.Tensor,
+        train_matrix: sp.spmatrix | None = None,
+        d: int = 64,
+        d1: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        init: str = "xavier",
+        user_init: str = "preference",
+        ui_layers: int = 0,
+    ):
+        super().__init__(lr, weight_decay)
+        self.save_hyperparameters(ignore=["user_features", "item_features", "train_matrix"])
+        self.register_buffer("user_feat", torch.as_tensor(user_features, dtype=torch.float32), persistent=False)
+        self.register_buffer("item_feat", torch.as_tensor(item_features, dtype=torch.float32), persistent=False)
+        self.user_tower = Tower(self.user_feat.shape[1], d1, d, init)
+        self.item_tower = Tower(self.item_feat.shape[1], d1, d, init)
+        self.ui_layers = int(ui_layers)
+        if self.ui_layers > 0:
+            if train_matrix is None:
+                raise ValueError("model.ui_layers > 0 needs the training interaction matrix")
+            self.register_buffer("ui_adj", bipartite_norm_adj(train_matrix), persistent=False)
+
+    def user_repr(self, users: torch.Tensor | None = None) -> torch.Tensor:
+        return self.user_tower(self.user_feat if users is None else self.user_feat[users])
+
+    def item_repr(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        return self.item_tower(self.item_feat if items is None else self.item_feat[items])
+
+    def representations(self):
+        h_u, h_i = self.user_repr(), self.item_repr()
+        if self.ui_layers > 0:
+            n_users = h_u.shape[0]
+            z = lightgcn_layers(self.ui_adj, F.normalize(torch.cat([h_u, h_i], 0)), self.ui_layers)
+            h_u, h_i = h_u + z[:n_users], h_i + z[n_users:]
+        return h_u, h_i
+
+    def batch_loss(self, users, pos, neg):
+        if self.ui_layers > 0:
+            h_u_all, h_i_all = self.representations()
+            return bpr_loss(h_u_all[users], h_i_all[pos], h_i_all[neg])
+        uniq_u, inv_u = torch.unique(users, return_inverse=True)
+        h_u = self.user_repr(uniq_u)[inv_u]
+        uniq_i, inv_i = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+        h_pos, h_neg = self.item_repr(uniq_i)[inv_i].split(users.shape[0])
+        return bpr_loss(h_u, h_pos, h_neg)

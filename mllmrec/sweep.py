@@ -111,6 +111,69 @@ def plot_heatmap(df: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     return path
 
 
+VARIANT_LABELS = {
+    "full": "MLLMRec", "wo_rs": "w/o RS", "wo_gd": "w/o GD", "wo_te": "w/o TE",
+    "wo_gcn_ii": "w/o GCN_II", "w_gcn_ui": "w/ GCN_UI",
+}
+
+
+def varying(df: pd.DataFrame, key: str) -> bool:
+    return key in df and df[key].astype(str).nunique() > 1
+
+
+def ablation_table(df: pd.DataFrame, sweep_dir: Path) -> Path:
+    """Table-2-like summary: test R@20 / N@20 per variant (and validation R@20 used to select)."""
+    rows = []
+    for _, r in df.iterrows():
+        ok = r["status"] == "completed"
+        rows.append({
+            "variant": VARIANT_LABELS.get(str(r["variant"]), str(r["variant"])),
+            "R@20": round(float(r["test/recall@20"]), 4) if ok else None,
+            "N@20": round(float(r["test/ndcg@20"]), 4) if ok else None,
+            "val R@20": round(float(r["val/recall@20"]), 4) if ok else None,
+            "best epoch": r.get("best_epoch") if ok else None,
+            "status": r["status"],
+        })
+    table = pd.DataFrame(rows)
+    table.to_csv(sweep_dir / "ablation.csv", index=False)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in r) + " |")
+    path = sweep_dir / "ablation.md"
+    path.write_text("\n".join(lines) + "\n")
+    log.info("ablation (test metrics at the best validation epoch):\n%s", "\n".join(lines))
+    return path
+
+
+def plot_line(df: pd.DataFrame, key: str, path: Path, title: str = "") -> Path | None:
+    """Metric against one swept numeric setting (e.g. model.d: the paper's Figure 5)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[df["status"] == "completed"].copy()
+    ok["_x"] = pd.to_numeric(ok[key], errors="coerce")
+    ok = ok.dropna(subset=["_x"]).sort_values("_x")
+    if not len(ok):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, metric in zip(axes, ("recall@20", "ndcg@20")):
+        for split, style in (("val", "o--"), ("test", "s-")):
+            ax.plot(ok["_x"], ok[f"{split}/{metric}"].astype(float), style, label=split)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ok["_x"], [f"{x:g}" for x in ok["_x"]])
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title or f"sensitivity to {key}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: pd.DataFrame, heatmap: Path | None) -> None:
     wb_cfg = OmegaConf.select(config, "logger.wandb")
     if wb_cfg is None:
@@ -150,7 +213,20 @@ class SweepSummary(Callback):
             return
         csv_path = sweep_dir / "summary.csv"
         df.to_csv(csv_path, index=False)
-        heatmap = plot_heatmap(df, sweep_dir / "heatmap.png", f"{OmegaConf.select(config, 'dataset.name')}: alpha x K_c (red box: best validation R@20)")
+        dataset = OmegaConf.select(config, "dataset.name")
+        heatmap = None
+        if any(varying(df, a) for a in AXES):
+            heatmap = plot_heatmap(df, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c (red box: best validation R@20)")
+        if varying(df, "variant"):
+            ablation_table(df, sweep_dir)
+        others = [c for c in df.columns if c not in (*AXES, "variant", "job", "overrides", "status", "error", *METRIC_COLUMNS) and varying(df, c)]
+        for key in others:
+            if pd.to_numeric(df[key], errors="coerce").notna().all():
+                plot = plot_line(df, key, sweep_dir / "sweep.png", f"{dataset}: sensitivity to {key}")
+                if plot:
+                    log.info("multirun: %s", plot)
+                    heatmap = heatmap or plot
+                break
         n_failed = int((df["status"] != "completed").sum())
         log.info("multirun: %d jobs (%d failed) -> %s%s", len(df), n_failed, csv_path,
                  f", {heatmap}" if heatmap else "")

@@ -7,6 +7,7 @@ Returns ``val/recall@20`` to Hydra so that sweepers can optimise it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -17,13 +18,13 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mllmrec import config as mconfig
 from mllmrec.errors import MLLMRecError, report_errors
 from mllmrec.loggers import build_loggers, finish_loggers
-from mllmrec.pipeline import build_inputs
+from mllmrec.pipeline import Inputs, build_inputs, load_data
 
 log = logging.getLogger("mllmrec.train")
 
@@ -48,18 +49,40 @@ def run_dir() -> Path:
         return Path.cwd()
 
 
+def prepare_inputs(cfg: DictConfig) -> Inputs:
+    """Data plus, for feature-based models, the stage artifacts (reason -> encode -> graph)."""
+    if cfg.model.get("needs_features", True):
+        return build_inputs(cfg)
+    mconfig.validate(cfg)
+    return Inputs(load_data(cfg))
+
+
+def build_model(cfg: DictConfig, inputs: Inputs) -> pl.LightningModule:
+    """Instantiate ``cfg.model`` with whatever data-derived arguments its class takes."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("needs_features", None)
+    target = get_class(model_cfg["_target_"])
+    data = inputs.data
+    available = {
+        "n_users": data.n_users,
+        "n_items": data.n_items,
+        "train_matrix": data.train_matrix,
+        "user_features": None if inputs.user_features is None else torch.from_numpy(inputs.user_features),
+        "item_features": None if inputs.item_features is None else torch.from_numpy(inputs.item_features),
+    }
+    accepted = inspect.signature(target.__init__).parameters
+    extra = {k: v for k, v in available.items() if k in accepted and k not in model_cfg}
+    return instantiate(model_cfg, **extra)
+
+
 def train(cfg: DictConfig) -> dict:
     out_dir = run_dir()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    inputs = build_inputs(cfg)
+    inputs = prepare_inputs(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     datamodule = instantiate(cfg.data).attach(inputs.data)
-    model = instantiate(
-        cfg.model,
-        user_features=torch.from_numpy(inputs.user_features),
-        item_features=torch.from_numpy(inputs.item_features),
-    )
+    model = build_model(cfg, inputs)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = build_loggers(cfg)
     metrics: dict = {}

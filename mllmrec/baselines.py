@@ -1,0 +1,67 @@
+"""ID-embedding baselines from the paper's Table 1, on the same data module, metrics and early
+stopping as MLLMRec: BPR-MF and LightGCN, as in the MMRec framework (64-d embeddings, BPR loss
+plus ``reg_weight`` x the L2 norm of the batch embeddings divided by the batch size)."""
+
+from __future__ import annotations
+
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllmrec.model import RankingModule, bipartite_norm_adj, lightgcn_layers
+
+
+def emb_reg(*embeddings: torch.Tensor) -> torch.Tensor:
+    """MMRec's EmbLoss: sum of the L2 norms of the batch embeddings / batch size."""
+    return sum(torch.linalg.vector_norm(e) for e in embeddings) / embeddings[-1].shape[0]
+
+
+def mmrec_bpr(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    return -torch.log(1e-10 + torch.sigmoid(pos - neg)).mean()
+
+
+class BPRModule(RankingModule):
+    """Matrix factorisation trained with BPR (Rendle et al. 2009); Xavier-normal init."""
+
+    def __init__(self, n_users: int, n_items: int, d: int = 64, lr: float = 1e-3, reg_weight: float = 1e-4,
+                 weight_decay: float = 0.0, **_: object):
+        super().__init__(lr, weight_decay)
+        self.save_hyperparameters("n_users", "n_items", "d", "lr", "reg_weight", "weight_decay")
+        self.user_emb = nn.Embedding(n_users, d)
+        self.item_emb = nn.Embedding(n_items, d)
+        nn.init.xavier_normal_(self.user_emb.weight)
+        nn.init.xavier_normal_(self.item_emb.weight)
+
+    def representations(self):
+        return self.user_emb.weight, self.item_emb.weight
+
+    def batch_loss(self, users, pos, neg):
+        u, p, n = self.user_emb(users), self.item_emb(pos), self.item_emb(neg)
+        loss = mmrec_bpr((u * p).sum(1), (u * n).sum(1))
+        return loss + self.hparams.reg_weight * emb_reg(u, p, n)
+
+
+class LightGCNModule(RankingModule):
+    """LightGCN (He et al. 2020): ID embeddings propagated over the normalised user-item graph,
+    mean over layers 0..L; Xavier-uniform init; regularisation on the layer-0 embeddings."""
+
+    def __init__(self, n_users: int, n_items: int, train_matrix: sp.spmatrix, d: int = 64, layers: int = 2,
+                 lr: float = 1e-3, reg_weight: float = 1e-4, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        self.save_hyperparameters("n_users", "n_items", "d", "layers", "lr", "reg_weight", "weight_decay")
+        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
+        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
+        self.register_buffer("adj", bipartite_norm_adj(train_matrix), persistent=False)
+        self.n_users = n_users
+
+    def representations(self):
+        ego = torch.cat([self.user_emb, self.item_emb], 0)
+        out = lightgcn_layers(self.adj, ego, int(self.hparams.layers), reduce="mean")
+        return out[: self.n_users], out[self.n_users:]
+
+    def batch_loss(self, users, pos, neg):
+        h_u, h_i = self.representations()
+        u, p, n = h_u[users], h_i[pos], h_i[neg]
+        loss = mmrec_bpr((u * p).sum(1), (u * n).sum(1))
+        return loss + self.hparams.reg_weight * emb_reg(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])
