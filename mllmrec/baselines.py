@@ -52,7 +52,7 @@ class LightGCNModule(RankingModule):
         self.save_hyperparameters("n_users", "n_items", "d", "layers", "lr", "reg_weight", "weight_decay")
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
-        self.register_buffer("adj", bipartite_norm_adj(train_matrix), persistent=False)
+        self.adj = bipartite_norm_adj(train_matrix)
         self.n_users = n_users
 
     def representations(self):

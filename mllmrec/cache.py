@@ -64,6 +64,15 @@ class ArtifactCache:
     def path_for(self, stage: str, key: str) -> Path:
         return self.root / self.dataset / stage / key
 
+    @staticmethod
+    def key_for(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str], version: int = 1) -> str:
+        """The key :meth:`fetch` gives the artifact of (stage, config, inputs, version)."""
+        return stable_hash({"stage": stage, "version": version, "config": dict(config), "inputs": dict(inputs)})
+
+    def work_dir(self, stage: str, key: str) -> Path:
+        """A hidden folder beside the stage's artifacts for resumable, partial work (not an artifact)."""
+        return self.root / self.dataset / stage / f".work-{key}"
+
     def fetch(
         self,
         stage: str,
@@ -76,7 +85,7 @@ class ArtifactCache:
 
         ``build`` writes its files into the folder it is given and returns counts for the manifest.
         """
-        key = stable_hash({"stage": stage, "version": version, "config": dict(config), "inputs": dict(inputs)})
+        key = self.key_for(stage, config, inputs, version)
         final = self.path_for(stage, key)
         manifest_path = final / MANIFEST
         if manifest_path.is_file():

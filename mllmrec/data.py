@@ -60,17 +60,48 @@ def _read_table(path: Path, sep: str) -> pd.DataFrame:
     return df
 
 
+def file_line(path: Path, row: int) -> int:
+    """The file line (1 = header) on which data row ``row`` (0-based, as pandas counts) starts.
+
+    Only called to report an error, so it may re-read the file: pandas skips blank lines and a
+    quoted cell may span several lines, so ``row + 2`` is not the line in general.
+    """
+    import csv
+    import gzip
+
+    sep = "\t" if ".inter" in path.name else ","
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as f:
+            reader = csv.reader(f, delimiter=sep)
+            next(reader, None)  # header
+            seen = -1
+            while True:
+                start = reader.line_num + 1
+                record = next(reader, None)
+                if record is None:
+                    break
+                if not record or all(not cell.strip() for cell in record) and len(record) <= 1:
+                    continue  # blank line: pandas skips it
+                seen += 1
+                if seen == row:
+                    return start
+    except (OSError, csv.Error):
+        pass
+    return row + 2
+
+
 def _int_column(df: pd.DataFrame, column: str, path: Path, *, allow_negative: bool = False) -> np.ndarray:
     """Parse ``column`` as integers; the first bad cell is reported with its file line."""
     raw = df[column].str.strip()
     ok = raw.str.fullmatch(r"[+-]?\d+")
     if not ok.all():
         row = int(np.flatnonzero(~ok.to_numpy())[0])
-        raise DataError(path, f"non-integer value {df[column].iloc[row]!r}", column, row + 2)
+        raise DataError(path, f"non-integer value {df[column].iloc[row]!r}", column, file_line(path, row))
     values = raw.astype(np.int64).to_numpy()
     if not allow_negative and (values < 0).any():
         row = int(np.flatnonzero(values < 0)[0])
-        raise DataError(path, f"negative id {values[row]}", column, row + 2)
+        raise DataError(path, f"negative id {values[row]}", column, file_line(path, row))
     return values
 
 
@@ -173,13 +204,13 @@ def load_interactions(path: Path):
     bad = ~np.isin(split, (TRAIN, VALID, TEST))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(path, f"x_label must be 0 (train), 1 (valid) or 2 (test), got {split[row]}", "x_label", row + 2)
+        raise DataError(path, f"x_label must be 0 (train), 1 (valid) or 2 (test), got {split[row]}", "x_label", file_line(path, row))
     order = np.arange(len(df))
     if "timestamp" in df.columns:
         ts = pd.to_numeric(df["timestamp"].str.strip(), errors="coerce")
         if ts.isna().any():
             row = int(np.flatnonzero(ts.isna().to_numpy())[0])
-            raise DataError(path, f"non-numeric timestamp {df['timestamp'].iloc[row]!r}", "timestamp", row + 2)
+            raise DataError(path, f"non-numeric timestamp {df['timestamp'].iloc[row]!r}", "timestamp", file_line(path, row))
         order = np.lexsort((order, ts.to_numpy(), users))  # per user by time, ties in file order
     else:
         order = np.argsort(users, kind="stable")  # per user, file order
@@ -204,11 +235,11 @@ def load_meta(path: Path, n_items: int) -> pd.DataFrame:
     out_of_range = ids >= n_items
     if out_of_range.any():
         row = int(np.flatnonzero(out_of_range)[0])
-        raise DataError(path, f"itemID {ids[row]} is not in the interaction data ({n_items} items)", "itemID", row + 2)
+        raise DataError(path, f"itemID {ids[row]} is not in the interaction data ({n_items} items)", "itemID", file_line(path, row))
     _, first = np.unique(ids, return_index=True)
     if len(first) != len(ids):
         dup_rows = np.setdiff1d(np.arange(len(ids)), first)
-        raise DataError(path, f"duplicate itemID {ids[dup_rows[0]]}", "itemID", int(dup_rows[0]) + 2)
+        raise DataError(path, f"duplicate itemID {ids[dup_rows[0]]}", "itemID", file_line(path, int(dup_rows[0])))
     columns = [c for c in df.columns if c != "itemID"]
     meta = pd.DataFrame({c: [""] * n_items for c in columns}, index=pd.RangeIndex(n_items, name="itemID"))
     for c in columns:
@@ -235,6 +266,12 @@ def load_dataset(name: str, data_dir: str | Path) -> RecData:
         raise DataError(data_dir / f"{name}.inter", "file not found (set dataset.data_dir to the folder that holds it)")
     users, items, split, n_dup = load_interactions(inter_path)
     n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
+    for what, ids, n in (("userID", users, n_users), ("itemID", items, n_items)):
+        gaps = n - len(np.unique(ids))
+        if gaps:
+            log.warning("%s: column '%s': %d ids in [0, %d] have no interaction (MMRec ids should be "
+                        "contiguous from 0); they still count as %s", inter_path, what, gaps, n - 1,
+                        "ranking candidates" if what == "itemID" else "users")
     meta_path = find_file(data_dir, f"meta-{name}.csv")
     meta = load_meta(meta_path, n_items) if meta_path is not None else None
 

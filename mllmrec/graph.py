@@ -5,7 +5,8 @@ in row chunks and reduced to their top-K_s at once, and the Jaccard co-occurrenc
 product of the training interaction matrix, also chunked and reduced to its top-K_c per row.
 
 Ties in a top-k are broken by the smaller column index (co-occurrence values are small ratios
-and tie often), so results are deterministic and comparable with a dense reference.
+and tie often; duplicate item texts give equal cosines), so results are deterministic and
+comparable with a dense reference. On CPU only NumPy/SciPy are used (no torch import).
 """
 
 from __future__ import annotations
@@ -14,17 +15,46 @@ import logging
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 64 << 20  # working memory for one chunk of similarity scores
+CHUNK_BYTES = 16 << 20  # working memory for one chunk of similarity scores
 
 
 def _chunks(n: int, size: int, desc: str, progress: bool):
     starts = range(0, n, size)
     return tqdm(starts, desc=desc, unit="chunk", disable=not progress or len(starts) < 2, leave=False)
+
+
+def _topk_rows_np(sim: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k largest entries, ties broken by the smaller column; sorted by value (desc)."""
+    cols = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(sim, cols, axis=1)
+    kth = vals.min(axis=1, keepdims=True)
+    # rows where the k-th value ties with an entry left out: redo exactly (rare: duplicate items)
+    tied = np.flatnonzero((sim == kth).sum(axis=1) > (vals == kth).sum(axis=1))
+    for r in tied:
+        exact = np.lexsort((np.arange(sim.shape[1]), -sim[r]))[:k]
+        cols[r], vals[r] = exact, sim[r, exact]
+    cols.sort(axis=1)
+    vals = np.take_along_axis(sim, cols, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")  # stable: equal values keep column order
+    return np.take_along_axis(cols, order, axis=1), np.take_along_axis(vals, order, axis=1)
+
+
+def _topk_rows_torch(sim, k: int):
+    import torch
+
+    kth = torch.topk(sim, k, dim=1).values[:, -1:]
+    gt = sim > kth
+    eq = sim == kth
+    need = k - gt.sum(dim=1, keepdim=True)
+    take = gt | (eq & (torch.cumsum(eq.int(), dim=1) <= need))
+    cols = take.nonzero()[:, 1].reshape(-1, k)
+    vals = torch.gather(sim, 1, cols)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return torch.gather(cols, 1, order), torch.gather(vals, 1, order)
 
 
 def knn_candidates(
@@ -33,22 +63,37 @@ def knn_candidates(
     """Top-K_s cosine neighbours of every item (Eq. 6-7, before the alpha threshold).
 
     Returns ``(indices, similarities)``, both ``[n_items, k]`` with k = min(K_s, n_items), each row
-    sorted by decreasing similarity. As in the official code the item itself is a candidate (its
-    similarity is 1), so it normally keeps a self-loop.
+    sorted by decreasing similarity (ties: smaller item id first). As in the official code the item
+    itself is always among its candidates (a self-loop with its own similarity, 1 for a non-zero
+    vector), also when duplicate items tie with it. ``device`` "cpu" uses NumPy; "cuda" uses torch.
     """
-    x = torch.as_tensor(np.ascontiguousarray(features), dtype=torch.float32, device=device)
-    x = torch.nn.functional.normalize(x, dim=1)
+    x = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.maximum(norms, 1e-12)
+    self_sim = (x * x).sum(1)
     n = x.shape[0]
     k = min(k_s, n)
     chunk = chunk_size or max(1, CHUNK_BYTES // (4 * max(n, 1)))
     idx = np.empty((n, k), np.int64)
     val = np.empty((n, k), np.float32)
-    with torch.no_grad():
-        for start in _chunks(n, chunk, "graph: cosine top-k", progress):
-            sim = x[start : start + chunk] @ x.T
-            v, i = torch.topk(sim, k, dim=1)
-            idx[start : start + chunk] = i.cpu().numpy()
-            val[start : start + chunk] = v.cpu().numpy()
+    if device != "cpu":
+        import torch
+
+        xt = torch.from_numpy(x).to(device)
+    for start in _chunks(n, chunk, "graph: cosine top-k", progress):
+        stop = min(start + chunk, n)
+        rows = np.arange(stop - start)
+        if device == "cpu":
+            sim = x[start:stop] @ x.T
+            sim[rows, start + rows] = np.inf  # the item itself first
+            i, v = _topk_rows_np(sim, k)
+        else:
+            sim = xt[start:stop] @ xt.T
+            r = torch.from_numpy(rows).to(sim.device)
+            sim[r, start + r] = torch.inf
+            i, v = (t.cpu().numpy() for t in _topk_rows_torch(sim, k))
+        v[:, 0] = self_sim[start:stop]
+        idx[start:stop], val[start:stop] = i, v
     return idx, val
 
 

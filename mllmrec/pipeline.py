@@ -1,4 +1,4 @@
-"""Wires the stages: data -> reason -> encode -> graph, reusing cached artifacts."""
+"""Wires the stages: data -> describe -> reason -> encode -> graph, reusing cached artifacts."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mllmrec.texts import item_texts
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("reason", "encode", "graph")
+STAGE_ORDER = ("describe", "reason", "encode", "graph")
 
 
 @dataclass
@@ -34,7 +34,7 @@ def load_data(cfg: DictConfig) -> RecData:
 
 def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     """Run (or reuse) every stage up to ``until`` and return what training needs."""
-    from stages import encode, graph, reason
+    from stages import describe, encode, graph, reason
 
     mconfig.validate(cfg)
     data = load_data(cfg)
@@ -42,14 +42,25 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     out = Inputs(data)
     stop = STAGE_ORDER.index(until)
 
-    out.artifacts["reason"] = reason.run(cfg, data, cache)
+    descriptions = None  # D^s_i: image descriptions (none with llm=none)
+    if cfg.llm.backend != "none":
+        described = describe.run(cfg, data, cache)
+        if described is not None:
+            out.artifacts["describe"] = described
+            descriptions = describe.load_texts(described)
     if stop < 1:
         return out
+    texts = item_texts(data, descriptions)  # D^m_i: item text (+ image description)
+    random_users = cfg.model.get("user_init", "preference") == "random"  # "w/o RS"
+    if not random_users or stop < 2:  # w/o RS never uses the preferences: no LLM time spent on them
+        out.artifacts["reason"] = reason.run(cfg, data, cache, texts)
+    if stop < 2:
+        return out
     encoder = encode.Encoder(cfg.encoder)
-    items_art = encode.run(cfg, cache, item_texts(data), "items", encoder)
+    items_art = encode.run(cfg, cache, texts, "items", encoder)
     out.artifacts["encode/items"] = items_art
     features = encode.load(items_art)
-    if cfg.model.get("user_init", "preference") == "random":  # "w/o RS": random user inputs
+    if random_users:  # fixed random unit vectors as user inputs, seeded
         rng = np.random.default_rng(int(cfg.seed))
         users = rng.standard_normal((data.n_users, features.shape[1])).astype(np.float32)
         out.user_features = users / np.linalg.norm(users, axis=1, keepdims=True)
@@ -57,7 +68,7 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
         users_art = encode.run(cfg, cache, reason.load_texts(out.artifacts["reason"]), "users", encoder)
         out.artifacts["encode/users"] = users_art
         out.user_features = encode.load(users_art)
-    if stop < 2:
+    if stop < 3:
         out.item_features = features
         return out
     graph_art = graph.run(cfg, data, cache, features, items_art.key)

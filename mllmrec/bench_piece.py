@@ -1,0 +1,12 @@
+"""Child process of :mod:`mllmrec.bench`: ``python -m mllmrec.bench_piece <piece> '<json kwargs>'``."""
+
+import json
+import logging
+import sys
+
+from mllmrec.bench import PIECES
+
+if __name__ == "__main__":
+    logging.disable(logging.WARNING)
+    result = PIECES[sys.argv[1]](**json.loads(sys.argv[2]))
+    print(json.dumps(result))

