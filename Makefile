@@ -11,12 +11,14 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test clean help
+.PHONY: install run test bench bench-gpu clean help
 
 help:
 	@echo "make install  create $(VENV) with everything the default run and the tests need"
 	@echo "make run      train MLLMRec on the embedded office dataset (CPU, offline)"
 	@echo "make test     run the test suite"
+	@echo "make bench    speed/memory benchmarks vs the official algorithm (DATA_ROOT=$(DATA_ROOT))"
+	@echo "make bench-gpu  the same on CUDA"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +34,15 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
+
+# folder holding baby/ sports/ clothing/ in MMRec format (../shared/datasets on the dev machines)
+DATA_ROOT ?= $(if $(MLLMREC_DATA_ROOT),$(MLLMREC_DATA_ROOT),../shared/datasets)
+
+bench: $(STAMP)
+	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) $(ARGS)
+
+bench-gpu: $(STAMP)
+	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) device=cuda $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -22,7 +22,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mllmrec import config as mconfig
-from mllmrec.errors import MLLMRecError, report_errors
+from mllmrec.errors import ConfigError, MLLMRecError, report_errors
 from mllmrec.loggers import build_loggers, finish_loggers
 from mllmrec.pipeline import Inputs, build_inputs, load_data
 
@@ -75,8 +75,41 @@ def build_model(cfg: DictConfig, inputs: Inputs) -> pl.LightningModule:
     return instantiate(model_cfg, **extra)
 
 
+def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint to resume from: ``resume=auto`` (default) picks ``checkpoints/last.ckpt`` of
+    this run dir when a previous attempt left one (rerun with the same ``hydra.run.dir``);
+    ``resume=<ckpt or run dir>`` names one; ``resume=never`` starts afresh."""
+    mode = cfg.get("resume", "auto")
+    if mode in (None, False, "never", "false"):
+        return None
+    if mode in ("auto", True):
+        candidates = [out_dir / "checkpoints" / "last.ckpt", out_dir / "checkpoints" / "best.ckpt"]
+    else:
+        path = Path(str(mode)).expanduser()
+        candidates = [path / "checkpoints" / "last.ckpt", path / "checkpoints" / "best.ckpt"] if path.is_dir() else [path]
+        if not any(c.is_file() for c in candidates):
+            raise ConfigError("resume", f"no checkpoint at {path}")
+    for cand in candidates:
+        if not cand.is_file():
+            continue
+        try:  # a kill during a checkpoint write can leave it truncated: fall back to the other one
+            torch.load(cand, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is skipped
+            log.warning("resume: %s is unreadable (%s); trying the next one", cand, type(exc).__name__)
+            continue
+        log.info("resuming from %s", cand)
+        return str(cand)
+    return None
+
+
 def train(cfg: DictConfig) -> dict:
     out_dir = run_dir()
+    previous = out_dir / "metrics.json"
+    if cfg.get("resume", "auto") == "auto" and previous.is_file():
+        done = json.loads(previous.read_text())
+        if done.get("status") == "completed":
+            log.info("%s already holds a completed run (resume=never to train again)", out_dir)
+            return done
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     inputs = prepare_inputs(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -96,8 +129,9 @@ def train(cfg: DictConfig) -> dict:
 def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: Path) -> dict:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    resume_from = resume_checkpoint(cfg, out_dir)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - start
     if trainer.interrupted:
         raise SystemExit(130)
@@ -114,6 +148,7 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
         "fit_seconds": round(fit_seconds, 3),
         "seconds_per_epoch": round(fit_seconds / max(epochs, 1), 4),
         "checkpoint": ckpt,
+        "resumed_from": resume_from,
         "dataset": cfg.dataset.name,
         "artifacts": {name: str(a.path) for name, a in inputs.artifacts.items()},
     }

@@ -28,6 +28,13 @@ def texts_hash(texts) -> str:
     return h.hexdigest()
 
 
+def random_unit_vectors(n: int, dim: int, salt: str) -> np.ndarray:
+    seed = int(hashlib.sha256(salt.encode()).hexdigest()[:8], 16)
+    x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
 class Encoder:
     """Loads the sentence-transformers model lazily: only when some text set is not cached yet."""
 
@@ -51,12 +58,18 @@ def run(cfg, cache: ArtifactCache, texts: list[str], kind: str, encoder: Encoder
     encoder = encoder or Encoder(cfg.encoder)
 
     def build(out):
-        log.info("encode: %d %s texts with %s", len(texts), kind, cfg.encoder.model)
-        emb = encode_texts(texts, encoder.model, batch_size=cfg.encoder.batch_size, normalize=cfg.encoder.normalize)
+        if cfg.encoder.model == "random":  # timing/benchmarks on interaction-only data: no text model
+            log.warning("encode: encoder.model=random: %d %s get seeded random unit vectors, not text embeddings", len(texts), kind)
+            emb = random_unit_vectors(len(texts), int(cfg.encoder.get("dim", 384)), f"{kind}:{cfg.seed}")
+        else:
+            log.info("encode: %d %s texts with %s", len(texts), kind, cfg.encoder.model)
+            emb = encode_texts(texts, encoder.model, batch_size=cfg.encoder.batch_size, normalize=cfg.encoder.normalize)
         np.save(out / OUTPUT, emb)
         return {"rows": int(emb.shape[0]), "dim": int(emb.shape[1]), "empty_texts": sum(1 for t in texts if not t)}
 
     config = {"kind": kind, **encoder.settings()}
+    if cfg.encoder.model == "random":
+        config["seed"] = int(cfg.seed)
     return cache.fetch(STAGE, config, {"texts": texts_hash(texts), "count": str(len(texts))}, build)
 
 
