@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mllmrec.model import RankingModule, bipartite_norm_adj, lightgcn_layers

@@ -173,7 +173,6 @@ def piece_train_official(data_root, dataset, epochs=1, device="cpu", **_):
     """The official loop's structure: per batch, item propagation + full forward over all users and
     items, then index the batch; per eval batch, the same full forward. Same towers, same data."""
     import torch
-    import torch.nn.functional as F
 
     from mllmrec.datamodule import sample_negatives
     from mllmrec.graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
@@ -326,7 +325,7 @@ def _fmt(v, unit=""):
 
 
 def format_table(rows) -> str:
-    head = f"| piece | ours s | ours peak MB | baseline s | baseline peak MB | speed-up | memory ratio | note |\n|---|---|---|---|---|---|---|---|"
+    head = "| piece | ours s | ours peak MB | baseline s | baseline peak MB | speed-up | memory ratio | note |\n|---|---|---|---|---|---|---|---|"
     lines = [head]
     for name, s, mb, bs, bmb, note in rows:
         speed = f"{bs / s:.1f}x" if s and bs else "-"

@@ -78,3 +78,17 @@ def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    """``vllm.LLM`` replaced by :class:`llm_fakes.FakeLLM`; yields the list of engines created."""
+    from llm_fakes import FakeLLM
+    from mllmrec.llm import backends
+
+    FakeLLM.instances = []
+    monkeypatch.setattr(backends, "ENGINE_FACTORY", FakeLLM)
+    backends.release_engines()
+    yield FakeLLM.instances
+    backends.release_engines()
+    FakeLLM.instances = []

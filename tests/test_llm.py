@@ -21,17 +21,6 @@ from mllmrec.llm.backends import Request
 SECRET = "sk-test-DO-NOT-WRITE-7f3a9c"
 
 
-@pytest.fixture
-def fake_engine(monkeypatch):
-    """``vllm.LLM`` replaced by :class:`FakeLLM`; yields the list of engines created."""
-    FakeLLM.instances = []
-    monkeypatch.setattr(backends, "ENGINE_FACTORY", FakeLLM)
-    backends.release_engines()
-    yield FakeLLM.instances
-    backends.release_engines()
-    FakeLLM.instances = []
-
-
 def _png(color=(200, 30, 30)) -> bytes:
     from PIL import Image
 

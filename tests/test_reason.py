@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_module
-from llm_fakes import FakeLLM, StubServer, sent_prompts
+from llm_fakes import StubServer, sent_prompts
 from mllmrec.cache import ArtifactCache
 from mllmrec.data import TRAIN
 from mllmrec.llm import backends
@@ -21,16 +21,6 @@ from mllmrec.texts import LEAK_WARNING
 
 TESTS = Path(__file__).resolve().parent
 SECRET = "sk-cli-secret-0123456789abcdef"
-
-
-@pytest.fixture
-def fake_engine(monkeypatch):
-    FakeLLM.instances = []
-    monkeypatch.setattr(backends, "ENGINE_FACTORY", FakeLLM)
-    backends.release_engines()
-    yield FakeLLM.instances
-    backends.release_engines()
-    FakeLLM.instances = []
 
 
 def test_default_prompts_hold_no_validation_or_test_item(compose_cfg, tiny_data, fake_engine):
