@@ -125,7 +125,7 @@ def piece_graph_dense(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, 
             "items": data.n_items, "e_star_checksum": float(total.abs().sum())}
 
 
-def _sports_setup(data_root, dataset, device):
+def _sports_setup(data_root, dataset, device, eval_batch_size="auto"):
     import torch
 
     from mllmrec.datamodule import RecDataModule
@@ -136,7 +136,7 @@ def _sports_setup(data_root, dataset, device):
     items = torch.from_numpy(random_unit(data.n_items, seed=2))
     torch.manual_seed(0)
     model = MLLMRecModule(users, items)
-    dm = RecDataModule(batch_size=2048, eval_batch_size=4096, seed=0).attach(data)
+    dm = RecDataModule(batch_size=2048, eval_batch_size=eval_batch_size, seed=0).attach(data)
     return data, model, dm
 
 
@@ -179,7 +179,7 @@ def piece_train_official(data_root, dataset, epochs=1, device="cpu", **_):
     from mllmrec.metrics import evaluate_batch
     from mllmrec.model import bpr_loss
 
-    data, model, dm = _sports_setup(data_root, dataset, device)
+    data, model, dm = _sports_setup(data_root, dataset, device, eval_batch_size=4096)  # MMRec's eval batch
     dev = torch.device(device)
     feats = model.item_feat.numpy()
     idx, sim = knn_candidates(feats, 10, progress=False)

@@ -11,6 +11,7 @@ import inspect
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -27,6 +28,8 @@ from mllmrec.loggers import build_loggers, finish_loggers
 from mllmrec.pipeline import Inputs, build_inputs, load_data
 
 log = logging.getLogger("mllmrec.train")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning vs torch 2.13
+warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # batches are prebuilt tensors
 
 
 def write_metrics(out_dir: Path, metrics: dict) -> None:
