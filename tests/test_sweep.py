@@ -1,0 +1,90 @@
+"""alpha x K_c multirun: per-job metrics, summary.csv, heatmap.png, offline W&B runs, one encode."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from conftest import run_module
+from wandb_reader import history_keys
+
+
+def sweep_args(tiny_dir, out, *extra):
+    return ["dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
+            "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0",
+            f"hydra.sweep.dir={out / 'sweep'}", *extra, "-m"]
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    assert os.environ["WANDB_MODE"] == "offline"
+    proc = run_module("mllmrec.train", *sweep_args(tiny_dir, out, "logger=wandb", "graph.alpha=0.5,0.7", "graph.k_c=5,10"),
+                      cwd=out, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def test_each_job_writes_metrics(grid):
+    out, _ = grid
+    jobs = sorted(p for p in (out / "sweep").iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 4
+    for job in jobs:
+        m = json.loads((job / "metrics.json").read_text())
+        assert m["status"] == "completed" and 0 <= m["val/recall@20"] <= 1
+
+
+def test_summary_csv_and_heatmap(grid):
+    out, proc = grid
+    df = pd.read_csv(out / "sweep" / "summary.csv")
+    assert len(df) == 4
+    assert sorted(zip(df["graph.alpha"], df["graph.k_c"])) == [(0.5, 5), (0.5, 10), (0.7, 5), (0.7, 10)]
+    assert (df["status"] == "completed").all()
+    for col in ("val/recall@20", "test/recall@20", "test/ndcg@20", "best_epoch", "epochs", "fit_seconds"):
+        assert df[col].notna().all(), col
+    png = (out / "sweep" / "heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(out / "sweep" / "heatmap.png")
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
+    best = df.loc[df["val/recall@20"].idxmax()]
+    logs = proc.stdout + proc.stderr
+    assert "best by validation R@20" in logs
+    assert f"graph.alpha={best['graph.alpha']:g},graph.k_c={int(best['graph.k_c'])}" in logs.replace(".0,", ",")
+
+
+def test_offline_wandb_runs_hold_validation_history(grid):
+    out, _ = grid
+    runs = sorted((out / "sweep").glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(runs) == 4
+    for run in runs:
+        keys = history_keys(run)
+        assert {"val/recall@20", "train/loss", "test/recall@20"} <= keys, keys
+    assert list((out / "sweep" / "wandb").glob("offline-run-*/run-*.wandb")), "no sweep-summary run"
+
+
+def test_encode_runs_once_for_the_whole_grid(grid):
+    out, proc = grid
+    logs = proc.stdout + proc.stderr
+    assert logs.count("encode: built in") == 2  # items and users, once each
+    assert len(list((out / "cache" / "tiny" / "encode").iterdir())) == 2
+    assert len(list((out / "cache" / "tiny" / "graph-knn").iterdir())) == 1  # alpha-independent
+    assert len(list((out / "cache" / "tiny" / "graph-cooc").iterdir())) == 2  # one per K_c
+    assert len(list((out / "cache" / "tiny" / "graph").iterdir())) == 4
+
+
+def test_a_failed_job_is_marked_and_the_others_stand(tiny_dir, tmp_path):
+    proc = run_module("mllmrec.train", *sweep_args(tiny_dir, tmp_path, "logger=none", "graph.alpha=0.7", "graph.k_c=5,0"),
+                      cwd=tmp_path)
+    assert proc.returncode == 1
+    df = pd.read_csv(tmp_path / "sweep" / "summary.csv")
+    assert sorted(df["status"]) == ["completed", "failed"]
+    failed = df[df["status"] == "failed"].iloc[0]
+    assert "graph.k_c" in failed["error"]
+    ok = df[df["status"] == "completed"].iloc[0]
+    assert 0 <= ok["test/recall@20"] <= 1
+    assert "1 of 2 jobs failed" in proc.stderr
