@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from mllmrec.model import RankingModule, bipartite_norm_adj, lightgcn_layers
+from mllmrec.model import RankingModule, bipartite_norm_adj, lightgcn_layers, rows
 
 
 def emb_reg(*embeddings: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,7 @@ class LightGCNModule(RankingModule):
 
     def batch_loss(self, users, pos, neg):
         h_u, h_i = self.representations()
-        u, p, n = h_u[users], h_i[pos], h_i[neg]
+        u, p, n = rows(h_u, users), rows(h_i, pos), rows(h_i, neg)
         loss = mmrec_bpr((u * p).sum(1), (u * n).sum(1))
-        return loss + self.hparams.reg_weight * emb_reg(self.user_emb[users], self.item_emb[pos], self.item_emb[neg])
+        ego = rows(self.user_emb, users), rows(self.item_emb, pos), rows(self.item_emb, neg)
+        return loss + self.hparams.reg_weight * emb_reg(*ego)

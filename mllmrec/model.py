@@ -34,6 +34,16 @@ class Tower(nn.Module):
         return self.fc2(F.leaky_relu(self.fc1(e)))
 
 
+def rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` with a deterministic backward for repeated indices.
+
+    On CPU with several threads, the backward of advanced indexing (``index_put_`` with
+    accumulation) adds the gradients of repeated rows in a varying order, so two runs of the same
+    config drift apart; ``embedding``'s backward sums them in a fixed order.
+    """
+    return F.embedding(index, table)
+
+
 def bpr_loss(h_u: torch.Tensor, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
     """-mean log sigmoid(y_ui - y_uj)."""
     return -F.logsigmoid((h_u * h_pos).sum(1) - (h_u * h_neg).sum(1)).mean()
@@ -232,9 +242,9 @@ class MLLMRecModule(RankingModule):
     def batch_loss(self, users, pos, neg):
         if self.ui_layers > 0:
             h_u_all, h_i_all = self.representations()
-            return bpr_loss(h_u_all[users], h_i_all[pos], h_i_all[neg])
+            return bpr_loss(rows(h_u_all, users), rows(h_i_all, pos), rows(h_i_all, neg))
         uniq_u, inv_u = torch.unique(users, return_inverse=True)
-        h_u = self.user_repr(uniq_u)[inv_u]
+        h_u = rows(self.user_repr(uniq_u), inv_u)
         uniq_i, inv_i = torch.unique(torch.cat([pos, neg]), return_inverse=True)
-        h_pos, h_neg = self.item_repr(uniq_i)[inv_i].split(users.shape[0])
+        h_pos, h_neg = rows(self.item_repr(uniq_i), inv_i).split(users.shape[0])
         return bpr_loss(h_u, h_pos, h_neg)

@@ -23,6 +23,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mllmrec import config as mconfig
+from mllmrec.cache import stable_hash
 from mllmrec.errors import ConfigError, MLLMRecError, report_errors
 from mllmrec.loggers import build_loggers, finish_loggers
 from mllmrec.pipeline import Inputs, build_inputs, load_data
@@ -78,6 +79,21 @@ def build_model(cfg: DictConfig, inputs: Inputs) -> pl.LightningModule:
     return instantiate(model_cfg, **extra)
 
 
+FINGERPRINT = ".config_fingerprint"
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of the job's config (``resume`` aside): a run dir is only resumed by the same config."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("resume", None)
+    return stable_hash(container)
+
+
+def same_config(out_dir: Path, fingerprint: str) -> bool:
+    path = out_dir / FINGERPRINT
+    return not path.is_file() or path.read_text().strip() == fingerprint
+
+
 def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
     """The checkpoint to resume from: ``resume=auto`` (default) picks ``checkpoints/last.ckpt`` of
     this run dir when a previous attempt left one (rerun with the same ``hydra.run.dir``);
@@ -86,6 +102,9 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
     if mode in (None, False, "never", "false"):
         return None
     if mode in ("auto", True):
+        if not same_config(out_dir, config_fingerprint(cfg)):
+            log.warning("%s holds checkpoints of a different config: not resuming, training afresh", out_dir)
+            return None
         candidates = [out_dir / "checkpoints" / "last.ckpt", out_dir / "checkpoints" / "best.ckpt"]
     else:
         path = Path(str(mode)).expanduser()
@@ -107,11 +126,12 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
 
 def train(cfg: DictConfig) -> dict:
     out_dir = run_dir()
+    fingerprint = config_fingerprint(cfg)
     previous = out_dir / "metrics.json"
     if cfg.get("resume", "auto") == "auto" and previous.is_file():
         done = json.loads(previous.read_text())
-        if done.get("status") == "completed":
-            log.info("%s already holds a completed run (resume=never to train again)", out_dir)
+        if done.get("status") == "completed" and done.get("config_fingerprint") == fingerprint:
+            log.info("%s already holds a completed run of this config (resume=never to train again)", out_dir)
             return done
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     inputs = prepare_inputs(cfg)
@@ -133,6 +153,7 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     resume_from = resume_checkpoint(cfg, out_dir)
+    (out_dir / FINGERPRINT).write_text(config_fingerprint(cfg))
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - start
@@ -152,6 +173,7 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
         "seconds_per_epoch": round(fit_seconds / max(epochs, 1), 4),
         "checkpoint": ckpt,
         "resumed_from": resume_from,
+        "config_fingerprint": config_fingerprint(cfg),
         "dataset": cfg.dataset.name,
         "artifacts": {name: str(a.path) for name, a in inputs.artifacts.items()},
     }

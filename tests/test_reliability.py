@@ -61,6 +61,13 @@ def test_kill9_during_training_then_resume_gives_the_same_metrics(tiny_dir, tmp_
     assert again.returncode == 0
     assert "already holds a completed run" in again.stdout + again.stderr
 
+    # the same run dir with another setting is not mistaken for it: it trains afresh
+    other = run_module("mllmrec.train", *train_args(tiny_dir, tmp_path, "killed", "trainer.max_epochs=3"), cwd=tmp_path)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert "already holds" not in other.stdout + other.stderr
+    assert "not resuming" in other.stdout + other.stderr
+    assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["epochs"] == 3
+
 
 def test_two_publishers_of_one_artifact_leave_one_complete_copy(tmp_path):
     from mllmrec.cache import ArtifactCache
