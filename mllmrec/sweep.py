@@ -219,13 +219,17 @@ class SweepSummary(Callback):
             heatmap = plot_heatmap(df, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c (red box: best validation R@20)")
         if varying(df, "variant"):
             ablation_table(df, sweep_dir)
-        others = [c for c in df.columns if c not in (*AXES, "variant", "job", "overrides", "status", "error", *METRIC_COLUMNS) and varying(df, c)]
+        if varying(df, "seed"):
+            ok = df[df["status"] == "completed"]
+            spread = {m: (ok[m].astype(float).mean(), ok[m].astype(float).std(ddof=1)) for m in METRIC_COLUMNS[:8]}
+            log.info("over %d seeds (mean ± std): %s", len(ok),
+                     " | ".join(f"{m} {mu:.4f} ± {sd:.4f}" for m, (mu, sd) in spread.items() if m.startswith("test/")))
+        skip = (*AXES, "variant", "seed", "job", "overrides", "status", "error", *METRIC_COLUMNS)
+        others = [c for c in df.columns if c not in skip and varying(df, c)]
         for key in others:
             if pd.to_numeric(df[key], errors="coerce").notna().all():
                 plot = plot_line(df, key, sweep_dir / "sweep.png", f"{dataset}: sensitivity to {key}")
-                if plot:
-                    log.info("multirun: %s", plot)
-                    heatmap = heatmap or plot
+                heatmap = heatmap or plot
                 break
         n_failed = int((df["status"] != "completed").sum())
         log.info("multirun: %d jobs (%d failed) -> %s%s", len(df), n_failed, csv_path,

@@ -127,3 +127,26 @@ def test_wandb_key_never_written(tiny_dir, tmp_path, monkeypatch):
     leaks = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert not leaks, leaks
     assert secret not in proc.stdout + proc.stderr
+
+
+def test_training_gathers_have_a_deterministic_backward():
+    """The towers' outputs are gathered for repeated users/items; with several CPU threads the
+    backward of plain advanced indexing adds repeated rows in a varying order (runs of one config
+    drifted apart on office); ``model.rows`` must give bit-identical gradients every time."""
+    import torch
+
+    from mllmrec.model import rows
+
+    torch.manual_seed(0)
+    table = torch.randn(1500, 64, requires_grad=True)
+    index = torch.randint(1500, (2048,))
+    grad = torch.randn(2048, 64)
+
+    def backward():
+        table.grad = None
+        rows(table, index).backward(grad)
+        return table.grad.clone()
+
+    first = backward()
+    assert all(torch.equal(first, backward()) for _ in range(30))
+    torch.testing.assert_close(rows(table, index), table[index])
