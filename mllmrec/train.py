@@ -94,7 +94,7 @@ def same_config(out_dir: Path, fingerprint: str) -> bool:
     return not path.is_file() or path.read_text().strip() == fingerprint
 
 
-def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
+def resume_checkpoint(cfg: DictConfig, out_dir: Path, fingerprint: str) -> str | None:
     """The checkpoint to resume from: ``resume=auto`` (default) picks ``checkpoints/last.ckpt`` of
     this run dir when a previous attempt left one (rerun with the same ``hydra.run.dir``);
     ``resume=<ckpt or run dir>`` names one; ``resume=never`` starts afresh."""
@@ -102,7 +102,7 @@ def resume_checkpoint(cfg: DictConfig, out_dir: Path) -> str | None:
     if mode in (None, False, "never", "false"):
         return None
     if mode in ("auto", True):
-        if not same_config(out_dir, config_fingerprint(cfg)):
+        if not same_config(out_dir, fingerprint):
             log.warning("%s holds checkpoints of a different config: not resuming, training afresh", out_dir)
             return None
         candidates = [out_dir / "checkpoints" / "last.ckpt", out_dir / "checkpoints" / "best.ckpt"]
@@ -143,17 +143,17 @@ def train(cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg)
     metrics: dict = {}
     try:
-        metrics = _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir)
+        metrics = _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir, fingerprint)
     finally:
         finish_loggers(loggers, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
 
 
-def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: Path) -> dict:
+def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: Path, fingerprint: str) -> dict:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    resume_from = resume_checkpoint(cfg, out_dir)
-    (out_dir / FINGERPRINT).write_text(config_fingerprint(cfg))
+    resume_from = resume_checkpoint(cfg, out_dir, fingerprint)
+    (out_dir / FINGERPRINT).write_text(fingerprint)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - start
@@ -173,7 +173,7 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
         "seconds_per_epoch": round(fit_seconds / max(epochs, 1), 4),
         "checkpoint": ckpt,
         "resumed_from": resume_from,
-        "config_fingerprint": config_fingerprint(cfg),
+        "config_fingerprint": fingerprint,
         "dataset": cfg.dataset.name,
         "artifacts": {name: str(a.path) for name, a in inputs.artifacts.items()},
     }

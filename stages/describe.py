@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import pandas as pd
 
 from mllmrec.cache import Artifact, ArtifactCache
 from mllmrec.data import RecData, file_sha256
@@ -66,8 +65,7 @@ def run(cfg, data: RecData, cache: ArtifactCache) -> Artifact | None:
 
 
 def load_texts(artifact: Artifact) -> list[str]:
-    df = pd.read_parquet(artifact.file(OUTPUT))
-    return df.sort_values("itemID")["text"].fillna("").tolist()
+    return runner.read_texts(artifact, OUTPUT, "itemID")
 
 
 if __name__ == "__main__":

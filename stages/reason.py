@@ -145,8 +145,7 @@ def _run_llm(cfg, data: RecData, cache: ArtifactCache, history: str, texts: list
 
 
 def load_texts(artifact: Artifact) -> list[str]:
-    df = pd.read_parquet(artifact.file(OUTPUT))
-    return df.sort_values("userID")["text"].fillna("").tolist()
+    return runner.read_texts(artifact, OUTPUT, "userID")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,12 @@ class WorkStore:
         return {(r["id"], r["input_hash"]): r for r in recs}
 
 
+def read_texts(artifact: Artifact, output: str, id_column: str) -> list[str]:
+    """The ``text`` column of a stage's parquet output, in id order (missing text -> "")."""
+    df = pd.read_parquet(artifact.file(output))
+    return df.sort_values(id_column)["text"].fillna("").tolist()
+
+
 def postprocess(text: str, how: str) -> str:
     """``strip``: trim whitespace; ``last_paragraph``: the last non-empty paragraph (what the
     official image-description script keeps: it drops a preface such as "Here is a description:")."""
