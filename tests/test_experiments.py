@@ -71,14 +71,19 @@ def test_gcn_ui_changes_the_representations(tiny_dir, shared_out, full):
     torch.testing.assert_close(torch.cat([hu1 - hu0, hi1 - hi0]), expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def bpr_run(tiny_dir, shared_out):
-    run = shared_out / "bpr"
-    proc = run_module("mllmrec.train", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", "model=bpr",
-                      f"paths.output_dir={shared_out}", "trainer.max_epochs=1", "logger=none", f"hydra.run.dir={run}",
-                      cwd=shared_out)
+def train_one_epoch(tiny_dir, out, model: str):
+    """``python -m mllmrec.train model=<model>`` for one epoch on the tiny fixture; its run dir."""
+    run = out / model
+    proc = run_module("mllmrec.train", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"model={model}",
+                      f"paths.output_dir={out}", "trainer.max_epochs=1", "logger=none", f"hydra.run.dir={run}",
+                      cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
+
+
+@pytest.fixture(scope="module")
+def bpr_run(tiny_dir, shared_out):
+    return train_one_epoch(tiny_dir, shared_out, "bpr")
 
 
 def test_bpr_one_epoch(bpr_run):
@@ -88,11 +93,7 @@ def test_bpr_one_epoch(bpr_run):
 
 
 def test_lightgcn_one_epoch(tiny_dir, shared_out):
-    run = shared_out / "lightgcn"
-    proc = run_module("mllmrec.train", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", "model=lightgcn",
-                      f"paths.output_dir={shared_out}", "trainer.max_epochs=1", "logger=none", f"hydra.run.dir={run}",
-                      cwd=shared_out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = train_one_epoch(tiny_dir, shared_out, "lightgcn")
     m = json.loads((run / "metrics.json").read_text())
     assert m["epochs"] == 1 and 0 <= m["test/recall@20"] <= 1
 
