@@ -31,8 +31,22 @@ FEATURE_DIM = 384
 
 
 # ---------------------------------------------------------------------------- helpers
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def peak_mb() -> dict:
+    """Peak RSS of this process in MB, plus the peak CUDA allocation when the piece used a GPU."""
+    out = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def warm_up(device: str) -> None:
+    """Create the CUDA context and cuBLAS handle before a timed region (no-op on CPU)."""
+    if device != "cpu":
+        import torch
+
+        x = torch.ones(64, 64, device=device)
+        (x @ x).sum().item()
 
 
 def random_unit(n: int, dim: int = FEATURE_DIM, seed: int = 0) -> np.ndarray:
@@ -64,6 +78,7 @@ def piece_graph_ours(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, d
     data = load(data_root, dataset)
     feats = random_unit(data.n_items)
     train = data.train_matrix
+    warm_up(device)
     start = time.perf_counter()
     idx, sim = knn_candidates(feats, k_s, device=device, progress=False)
     cooc = cooccurrence_topk(train, k_c, progress=False)
@@ -72,7 +87,7 @@ def piece_graph_ours(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, d
     seconds = time.perf_counter() - start
     coo = adj.tocoo()
     digest, edges = graph_digest(coo.row, coo.col, coo.data)
-    return {"seconds": seconds, "peak_mb": peak_mb(), "digest": digest, "edges": edges,
+    return {"seconds": seconds, **peak_mb(), "digest": digest, "edges": edges,
             "items": data.n_items, "e_star_checksum": float(np.abs(e_star).sum())}
 
 
@@ -88,6 +103,7 @@ def piece_graph_dense(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, 
     feats = random_unit(data.n_items)
     train = data.train_matrix
     dev = torch.device(device)
+    warm_up(device)
     start = time.perf_counter()
     x = torch.from_numpy(feats).to(dev)
     xn = x / x.norm(dim=-1, keepdim=True)
@@ -121,7 +137,7 @@ def piece_graph_dense(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, 
     seconds = time.perf_counter() - start
     nz = mat.nonzero(as_tuple=True)
     digest, edges = graph_digest(nz[0].cpu().numpy(), nz[1].cpu().numpy(), mat[nz].cpu().numpy())
-    return {"seconds": seconds, "peak_mb": peak_mb(), "digest": digest, "edges": edges,
+    return {"seconds": seconds, **peak_mb(), "digest": digest, "edges": edges,
             "items": data.n_items, "e_star_checksum": float(total.abs().sum())}
 
 
@@ -165,7 +181,7 @@ def piece_train_ours(data_root, dataset, epochs=3, device="cpu", **_):
     )
     trainer.fit(model, datamodule=dm)
     steady = times[1:] or times
-    return {"epoch_seconds": float(np.median(steady)), "epochs_timed": len(steady), "peak_mb": peak_mb(),
+    return {"epoch_seconds": float(np.median(steady)), "epochs_timed": len(steady), **peak_mb(),
             "first_epoch_seconds": times[0]}
 
 
@@ -217,7 +233,7 @@ def piece_train_official(data_root, dataset, epochs=1, device="cpu", **_):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return {"epoch_seconds": float(np.median(times)), "epochs_timed": len(times), "peak_mb": peak_mb()}
+    return {"epoch_seconds": float(np.median(times)), "epochs_timed": len(times), **peak_mb()}
 
 
 def piece_eval_ours(data_root, dataset, device="cpu", repeats=3, **_):
@@ -236,7 +252,7 @@ def piece_eval_ours(data_root, dataset, device="cpu", repeats=3, **_):
                 model._eval_step(b)
             result = {m: float(v / model._count) for m, v in model._sums.items()}
             times.append(time.perf_counter() - start)
-    return {"seconds": float(np.median(times)), "users": int(model._count), "peak_mb": peak_mb(), **result}
+    return {"seconds": float(np.median(times)), "users": int(model._count), **peak_mb(), **result}
 
 
 PIECES = {
@@ -271,10 +287,18 @@ def run_bench(cfg) -> dict:
         raise ConfigError("data_root", f"{root} is not a folder (it should hold baby/, sports/, clothing/)")
     device = cfg.device
     out: dict = {"device": device, "data_root": str(root), "cpu_count": os.cpu_count(), "errors": []}
+    if device == "cuda":
+        import torch
+
+        out["gpu"] = torch.cuda.get_device_name(0)
     rows = []
+    mem_key = "gpu_peak_mb" if device == "cuda" else "peak_mb"  # the table's memory columns
+
+    pieces: dict = {}  # every piece's full result (GPU memory included), for bench.json
 
     def run_piece_here(piece: str, **kwargs) -> dict:
         result = run_piece(piece, data_root=str(root), **kwargs)
+        pieces[f"{piece}.{kwargs.get('dataset')}"] = result
         if "error" in result:
             out["errors"].append(f"{piece} {kwargs.get('dataset')}: {result['error']}")
         return result
@@ -289,8 +313,8 @@ def run_bench(cfg) -> dict:
         out.update({"graph.baby.seconds": ours.get("seconds"), "graph.baby.peak_mb": ours.get("peak_mb"),
                     "graph.baby.dense_seconds": dense.get("seconds"), "graph.baby.dense_peak_mb": dense.get("peak_mb"),
                     "graph.baby.edges": ours.get("edges"), "graph.baby.identical_edges": bool(same)})
-        rows.append((f"graph, baby ({ours.get('items')} items)", ours.get("seconds"), ours.get("peak_mb"), dense.get("seconds"),
-                     dense.get("peak_mb"), f"identical edges: {same}"))
+        rows.append((f"graph, baby ({ours.get('items')} items)", ours.get("seconds"), ours.get(mem_key), dense.get("seconds"),
+                     dense.get(mem_key), f"identical edges: {same}"))
     if have("clothing"):
         ours = run_piece_here("graph_ours", dataset="clothing", device=device)
         out.update({"graph.clothing.seconds": ours.get("seconds"), "graph.clothing.peak_mb": ours.get("peak_mb"),
@@ -298,25 +322,27 @@ def run_bench(cfg) -> dict:
         dense = run_piece_here("graph_dense", dataset="clothing", device=device) if cfg.dense_clothing else {}
         if dense:
             out.update({"graph.clothing.dense_seconds": dense.get("seconds"), "graph.clothing.dense_peak_mb": dense.get("peak_mb")})
-        rows.append((f"graph, clothing ({ours.get('items')} items)", ours.get("seconds"), ours.get("peak_mb"), dense.get("seconds"),
-                     dense.get("peak_mb"), "" if dense else "dense: opt in with dense_clothing=true"))
+        rows.append((f"graph, clothing ({ours.get('items')} items)", ours.get("seconds"), ours.get(mem_key), dense.get("seconds"),
+                     dense.get(mem_key), "" if dense else "dense: opt in with dense_clothing=true"))
     for name in ("office", "sports"):
         if not have(name):
             continue
         ours = run_piece_here("train_ours", dataset=name, device=device, epochs=int(cfg.epochs))
-        official = run_piece_here("train_official", dataset=name, device=device, epochs=1 if name == "sports" else 3)
+        official = run_piece_here("train_official", dataset=name, device=device,
+                                  epochs=1 if name == "sports" and device == "cpu" else 3)
         out.update({f"train.{name}.epoch_seconds": ours.get("epoch_seconds"),
                     f"train.{name}.official_loop_epoch_seconds": official.get("epoch_seconds"),
                     f"train.{name}.peak_mb": ours.get("peak_mb"),
                     f"train.{name}.official_loop_peak_mb": official.get("peak_mb")})
-        rows.append((f"epoch (train+val), {name}", ours.get("epoch_seconds"), ours.get("peak_mb"),
-                     official.get("epoch_seconds"), official.get("peak_mb"), "baseline: official loop structure"))
+        rows.append((f"epoch (train+val), {name}", ours.get("epoch_seconds"), ours.get(mem_key),
+                     official.get("epoch_seconds"), official.get(mem_key), "baseline: official loop structure"))
     if have("sports"):
         ev = run_piece_here("eval_ours", dataset="sports", device=device)
         out.update({"eval.sports.seconds": ev.get("seconds"), "eval.sports.users": ev.get("users")})
-        rows.append(("full-ranking eval, sports", ev.get("seconds"), ev.get("peak_mb"), None, None,
+        rows.append(("full-ranking eval, sports", ev.get("seconds"), ev.get(mem_key), None, None,
                      f"{ev.get('users')} users, all items"))
-    out["table"] = format_table(rows)
+    out["pieces"] = pieces
+    out["table"] = format_table(rows, "GPU peak MB" if device == "cuda" else "peak MB")
     return out
 
 
@@ -324,8 +350,9 @@ def _fmt(v, unit=""):
     return "-" if v is None else f"{v:.2f}{unit}"
 
 
-def format_table(rows) -> str:
-    head = "| piece | ours s | ours peak MB | baseline s | baseline peak MB | speed-up | memory ratio | note |\n|---|---|---|---|---|---|---|---|"
+def format_table(rows, mem: str = "peak MB") -> str:
+    head = (f"| piece | ours s | ours {mem} | baseline s | baseline {mem} | speed-up | memory ratio | note |\n"
+            "|---|---|---|---|---|---|---|---|")
     lines = [head]
     for name, s, mb, bs, bmb, note in rows:
         speed = f"{bs / s:.1f}x" if s and bs else "-"

@@ -46,6 +46,12 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
 
 
+def one_line(exc: BaseException) -> str:
+    """The exception's message on one line (Hydra's instantiation errors put the cause on line 2)."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return (text[:500] + " ...") if len(text) > 500 else (text or type(exc).__name__)
+
+
 def run_dir() -> Path:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
@@ -140,6 +146,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = instantiate(cfg.data).attach(inputs.data)
     model = build_model(cfg, inputs)
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress-bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     loggers = build_loggers(cfg)
     metrics: dict = {}
     try:
@@ -175,6 +183,7 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
         "resumed_from": resume_from,
         "config_fingerprint": fingerprint,
         "dataset": cfg.dataset.name,
+        "device": str(trainer.strategy.root_device),
         "artifacts": {name: str(a.path) for name, a in inputs.artifacts.items()},
     }
     write_metrics(out_dir, metrics)
@@ -193,7 +202,7 @@ def main(cfg: DictConfig) -> float:
     try:
         return float(train(cfg)["val/recall@20"])
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = one_line(exc)
         write_metrics(run_dir(), {"status": "failed", "error": f"{type(exc).__name__}: {message}"})
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # keep the sweep going: the summary marks this job failed, the others' results stand

@@ -150,3 +150,19 @@ def test_training_gathers_have_a_deterministic_backward():
     first = backward()
     assert all(torch.equal(first, backward()) for _ in range(30))
     torch.testing.assert_close(rows(table, index), table[index])
+
+
+def test_failed_job_message_keeps_the_cause_on_one_line():
+    from hydra.errors import InstantiationException
+
+    from mllmrec.train import one_line
+
+    exc = InstantiationException(
+        "Error in call to target 'pytorch_lightning.trainer.trainer.Trainer':\n"
+        "MisconfigurationException('bad trainer setting')\nfull_key: trainer"
+    )
+    msg = one_line(exc)
+    assert "\n" not in msg
+    assert "Trainer':" in msg and "bad trainer setting" in msg  # the cause, not only the wrapper
+    assert one_line(ValueError()) == "ValueError"
+    assert len(one_line(ValueError("x" * 2000))) < 520

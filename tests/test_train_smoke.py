@@ -29,11 +29,13 @@ def overrides(tiny_dir: Path, out: Path, run: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
-    """Two identical training runs (different run dirs) on one shared output/cache folder."""
+    """Two identical training runs (different run dirs) on one shared output/cache folder.
+
+    The second one runs without the progress bar (a display setting: the same metrics)."""
     out = tmp_path_factory.mktemp("smoke")
     procs = {}
-    for run in ("run", "run2"):
-        proc = run_module("mllmrec.train", *overrides(tiny_dir, out, run), cwd=out)
+    for run, extra in (("run", []), ("run2", ["trainer.enable_progress_bar=false"])):
+        proc = run_module("mllmrec.train", *overrides(tiny_dir, out, run), *extra, cwd=out)
         assert proc.returncode == 0, f"{run} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         procs[run] = proc
     return out, procs
@@ -71,6 +73,12 @@ def test_second_run_reuses_the_cache_and_is_deterministic(runs):
     for key in (*METRIC_KEYS, "best_epoch", "epochs"):
         assert m1[key] == m2[key], key
     assert m1["artifacts"] == m2["artifacts"]
+
+
+def test_progress_bar_can_be_switched_off(runs):
+    _, procs = runs
+    assert "Epoch 0:" in procs["run"].stdout  # Lightning's TQDM bar (it writes to stdout)
+    assert "Epoch 0:" not in procs["run2"].stdout + procs["run2"].stderr
 
 
 def test_cache_layout(runs):
