@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test bench bench-gpu clean help
+.PHONY: install run test bench bench-gpu gpu-check clean help
 
 help:
 	@echo "make install  create $(VENV) with everything the default run and the tests need"
@@ -19,6 +19,7 @@ help:
 	@echo "make test     run the test suite"
 	@echo "make bench    speed/memory benchmarks vs the official algorithm (DATA_ROOT=$(DATA_ROOT))"
 	@echo "make bench-gpu  the same on CUDA"
+	@echo "make gpu-check  CUDA tests (each CUDA path against the CPU one) + bench-gpu"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,10 @@ bench: $(STAMP)
 	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) $(ARGS)
 
 bench-gpu: $(STAMP)
+	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) device=cuda $(ARGS)
+
+gpu-check: $(STAMP)
+	$(PY) -m pytest tests/test_cuda.py
 	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) device=cuda $(ARGS)
 
 clean:

@@ -255,7 +255,63 @@ def piece_eval_ours(data_root, dataset, device="cpu", repeats=3, **_):
     return {"seconds": float(np.median(times)), "users": int(model._count), **peak_mb(), **result}
 
 
+def piece_gemm_floor(data_root, dataset, device="cpu", repeats=3, d1=256, d=64, **_):
+    """The matrix products one epoch (train + validation) cannot avoid, timed alone.
+
+    Training: for every batch of an epoch, both towers' forward (X W1, A W2) and backward (dW2,
+    dA, dW1) GEMMs over the batch's distinct users / items, the fewest rows that give the exact
+    gradients. Validation: the user x item score products of all validation users. Inputs are
+    preallocated and nothing else runs (no gathers, activations, loss, optimizer, top-k, Python
+    loop of a trainer), so no exact fp32 implementation of these towers can be faster.
+    """
+    import torch
+
+    data, model, dm = _sports_setup(data_root, dataset, device)
+    dm.setup()
+    dev = torch.device(device)
+    d_in = model.item_feat.shape[1]
+    rows = []
+    for users, pos, neg in dm.train_dataloader():
+        rows += [int(torch.unique(users).numel()), int(torch.unique(torch.cat([pos, neg])).numel())]
+    top = max(rows)
+    x = torch.randn(top, d_in, device=dev)
+    w1, w2 = torch.randn(d1, d_in, device=dev), torch.randn(d, d1, device=dev)
+    a1, g2, g1 = torch.empty(top, d1, device=dev), torch.randn(top, d, device=dev), torch.empty(top, d1, device=dev)
+    h2, dw1, dw2 = torch.empty(top, d, device=dev), torch.empty(d1, d_in, device=dev), torch.empty(d, d1, device=dev)
+    n_val = sum(int(b["users"].numel()) for b in dm.eval_batches["valid"])
+    block = max(int(b["users"].numel()) for b in dm.eval_batches["valid"])
+    hu, hit = torch.randn(block, d, device=dev), torch.randn(d, data.n_items, device=dev)
+    scores = torch.empty(block, data.n_items, device=dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    train_t, eval_t = [], []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for r in rows:
+            torch.mm(x[:r], w1.T, out=a1[:r])
+            torch.mm(a1[:r], w2.T, out=h2[:r])
+            torch.mm(g2[:r].T, a1[:r], out=dw2)
+            torch.mm(g2[:r], w2, out=g1[:r])
+            torch.mm(g1[:r].T, x[:r], out=dw1)
+        sync()
+        train_t.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for s0 in range(0, n_val, block):
+            b = min(block, n_val - s0)
+            torch.mm(hu[:b], hit, out=scores[:b])
+        sync()
+        eval_t.append(time.perf_counter() - start)
+    train_s, eval_s = float(np.min(train_t)), float(np.min(eval_t))
+    return {"seconds": train_s + eval_s, "train_seconds": train_s, "eval_seconds": eval_s, "steps": len(rows) // 2,
+            "mean_rows_per_step": float(np.mean(rows) * 2), **peak_mb()}
+
+
 PIECES = {
+    "gemm_floor": piece_gemm_floor,
     "graph_ours": piece_graph_ours,
     "graph_dense": piece_graph_dense,
     "train_ours": piece_train_ours,
@@ -336,6 +392,12 @@ def run_bench(cfg) -> dict:
                     f"train.{name}.official_loop_peak_mb": official.get("peak_mb")})
         rows.append((f"epoch (train+val), {name}", ours.get("epoch_seconds"), ours.get(mem_key),
                      official.get("epoch_seconds"), official.get(mem_key), "baseline: official loop structure"))
+        floor = run_piece_here("gemm_floor", dataset=name, device=device)
+        out.update({f"train.{name}.gemm_floor_seconds": floor.get("seconds"),
+                    f"train.{name}.gemm_floor_train_seconds": floor.get("train_seconds"),
+                    f"train.{name}.gemm_floor_eval_seconds": floor.get("eval_seconds")})
+        rows.append((f"GEMM floor of that epoch, {name}", floor.get("seconds"), None, official.get("epoch_seconds"), None,
+                     "matrix products alone; speed-up = the most any exact fp32 version can reach"))
     if have("sports"):
         ev = run_piece_here("eval_ours", dataset="sports", device=device)
         out.update({"eval.sports.seconds": ev.get("seconds"), "eval.sports.users": ev.get("users")})

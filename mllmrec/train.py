@@ -92,6 +92,7 @@ def config_fingerprint(cfg: DictConfig) -> str:
     """Hash of the job's config (``resume`` aside): a run dir is only resumed by the same config."""
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("resume", None)
+    container.get("trainer", {}).pop("enable_progress_bar", None)  # display only
     return stable_hash(container)
 
 

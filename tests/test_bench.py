@@ -17,7 +17,8 @@ def test_bench_runs_on_tiny_fixture(tiny_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "bench.json").read_text())
     for key in ("graph.baby.seconds", "graph.baby.peak_mb", "graph.baby.dense_seconds", "graph.baby.dense_peak_mb",
-                "train.sports.epoch_seconds", "train.sports.official_loop_epoch_seconds", "eval.sports.seconds"):
+                "train.sports.epoch_seconds", "train.sports.official_loop_epoch_seconds", "eval.sports.seconds",
+                "train.sports.gemm_floor_seconds", "train.sports.gemm_floor_train_seconds"):
         assert isinstance(result[key], float) and result[key] > 0, key
     # the sparse graph stage and the dense official-style algorithm build the same graph
     assert result["graph.baby.identical_edges"] is True
