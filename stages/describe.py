@@ -43,9 +43,7 @@ def run(cfg, data: RecData, cache: ArtifactCache) -> Artifact | None:
     name = cfg.dataset.get("display_name") or cfg.dataset.name
     text = prompts.render(template, prompts.DATASET_SLOT, str(name))
     postprocess = dcfg.get("postprocess", "last_paragraph")
-    if postprocess not in runner.POSTPROCESS:
-        raise ConfigError("describe.postprocess", f"must be one of {', '.join(runner.POSTPROCESS)}, got {postprocess!r}")
-    chunk = backends.chunk_size(llm)
+    job = runner.llm_job(llm, postprocess, "describe.postprocess")
 
     found = images.resolve(data, dcfg, cache.root / cache.dataset / "images")
     requests = [
@@ -53,14 +51,11 @@ def run(cfg, data: RecData, cache: ArtifactCache) -> Artifact | None:
         for i, p in enumerate(found.paths)
         if p is not None
     ]
-    settings = {**backends.generation_settings(llm), "prompt": template}
     counts = {"image_source": found.source, **found.counts}
     return runner.generate(
-        cache, STAGE,
-        id_column="itemID", n_rows=data.n_items, requests=requests,
-        settings=settings, assembly={"postprocess": postprocess}, output=OUTPUT,
-        backend_factory=lambda: backends.make_backend(llm), chunk=chunk,
-        fill_reason="no_image", counts=counts, desc=f"describe ({llm.backend})",
+        cache, STAGE, id_column="itemID", n_rows=data.n_items, requests=requests, prompt=template,
+        assembly={"postprocess": postprocess}, output=OUTPUT, fill_reason="no_image", counts=counts,
+        desc=f"describe ({llm.backend})", **job,
     )
 
 

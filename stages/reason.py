@@ -127,20 +127,15 @@ def build_requests(cfg, data: RecData, texts: Sequence[str], history: str):
 def _run_llm(cfg, data: RecData, cache: ArtifactCache, history: str, texts: list[str]) -> Artifact:
     llm = cfg.llm
     postprocess = cfg.reason.get("postprocess", "strip")
-    if postprocess not in runner.POSTPROCESS:
-        raise ConfigError("reason.postprocess", f"must be one of {', '.join(runner.POSTPROCESS)}, got {postprocess!r}")
-    chunk = backends.chunk_size(llm)
+    job = runner.llm_job(llm, postprocess, "reason.postprocess")
     requests, template, counts = build_requests(cfg, data, texts, history)
     if counts["users_without_history"]:
         log.warning("reason: %d users have no %s interaction; they get an empty preference text",
                     counts["users_without_history"], "training" if history == "train" else "")
-    settings = {**backends.generation_settings(llm), "prompt": template}
     return runner.generate(
-        cache, STAGE,
-        id_column="userID", n_rows=data.n_users, requests=requests,
-        settings=settings, assembly={"postprocess": postprocess, "history": history}, output=OUTPUT,
-        backend_factory=lambda: backends.make_backend(llm), chunk=chunk,
-        fill_reason="empty_history", counts=counts, desc=f"reason ({llm.backend})",
+        cache, STAGE, id_column="userID", n_rows=data.n_users, requests=requests, prompt=template,
+        assembly={"postprocess": postprocess, "history": history}, output=OUTPUT, fill_reason="empty_history",
+        counts=counts, desc=f"reason ({llm.backend})", **job,
     )
 
 

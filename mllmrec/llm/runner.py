@@ -28,6 +28,8 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from mllmrec.cache import MANIFEST, Artifact, ArtifactCache, stable_hash
+from mllmrec.errors import ConfigError
+from mllmrec.llm import backends
 from mllmrec.llm.backends import Request, Result
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,19 @@ log = logging.getLogger(__name__)
 PART_COLUMNS = ["id", "input_hash", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
 OUTPUT_COLUMNS = ["text", "finish_reason", "prompt_tokens", "completion_tokens"]
 POSTPROCESS = ("strip", "last_paragraph")
+
+
+def llm_job(llm_cfg, postprocess: str, postprocess_key: str) -> dict:
+    """The ``generate`` arguments that come from the LLM settings, checked before any work is done:
+    the settings the answers depend on (backend, model, sampling), the backend factory and the
+    chunk size."""
+    if postprocess not in POSTPROCESS:
+        raise ConfigError(postprocess_key, f"must be one of {', '.join(POSTPROCESS)}, got {postprocess!r}")
+    return {
+        "settings": backends.generation_settings(llm_cfg),
+        "backend_factory": lambda: backends.make_backend(llm_cfg),
+        "chunk": backends.chunk_size(llm_cfg),
+    }
 
 
 class WorkStore:
@@ -100,6 +115,7 @@ def generate(
     id_column: str,
     n_rows: int,
     requests: Sequence[Request],
+    prompt: str,
     settings: Mapping,
     assembly: Mapping,
     output: str,
@@ -111,10 +127,12 @@ def generate(
 ) -> Artifact:
     """Answer ``requests`` (ids in [0, n_rows)) resumably and publish ``output`` with one row per id.
 
-    ``settings``: what the answers depend on (backend, model, sampling, template) -> work folder key;
+    ``settings`` (backend, model, sampling; see ``llm_job``) and the ``prompt`` template: what the
+    answers depend on -> work folder key;
     ``assembly``: how rows are turned into the artifact (post-processing). Rows without a request
     get an empty text and ``finish_reason=fill_reason``.
     """
+    settings = {**settings, "prompt": prompt}
     ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{stage}: duplicate request ids")
