@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from mllmrec.errors import DataError
+from mllmrec.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ def _read_table(path: Path, sep: str) -> pd.DataFrame:
     except pd.errors.EmptyDataError:
         raise DataError(path, "empty file (expected a header line and data rows)") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as exc:
-        msg = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DataError(path, f"cannot be parsed: {msg}") from None
+        raise DataError(path, f"cannot be parsed: {one_line(exc)}") from None
     df.columns = [str(c).strip() for c in df.columns]
     return df
 

@@ -7,6 +7,13 @@ import logging
 import sys
 
 
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line, at most ``limit`` characters (multi-line messages, such
+    as Hydra's instantiation errors, keep their cause, which is on a later line)."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return (text[:limit] + " ...") if len(text) > limit else (text or type(exc).__name__)
+
+
 class MLLMRecError(Exception):
     """An error caused by the user's input or settings; reported as one line, no traceback."""
 

@@ -42,7 +42,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from mllmrec.data import TEST, TRAIN, VALID, flatten_categories
-from mllmrec.errors import ConfigError, DataError
+from mllmrec.errors import ConfigError, DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +84,8 @@ def iter_lines(path: Path, desc: str, progress: bool = True) -> Iterator[tuple[i
                     bar.update(pos - done)
                     done = pos
         except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-            raise DataError(path, f"cannot be read past this point: {_one_line(exc)}", line=lineno + 1) from None
+            raise DataError(path, f"cannot be read past this point: {one_line(exc, 200)}", line=lineno + 1) from None
         bar.update(size - done)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class _Malformed:
@@ -172,7 +167,7 @@ def read_reviews(path: str | Path, *, strict: bool = False, progress: bool = Tru
         try:
             user, item, rating, stamp = _review_fields(json.loads(line))
         except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # JSON/Unicode errors are ValueErrors
-            malformed(lineno, _one_line(exc))
+            malformed(lineno, one_line(exc, 200))
             continue
         u = user_index.get(user)
         if u is None:
@@ -353,7 +348,7 @@ def read_metadata(
                 raise ValueError("no 'asin'")
             fields = meta_fields(record)
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-            malformed(lineno, _one_line(exc))
+            malformed(lineno, one_line(exc, 200))
             continue
         item = wanted.get(asin.strip())
         if item is None:
@@ -402,7 +397,7 @@ def _publish(tmp: Path, dest: Path, overwrite: bool) -> None:
     except OSError as exc:
         if old is not None:
             os.rename(old, dest)
-        raise ConfigError("prepare.overwrite", f"cannot publish {dest}: {_one_line(exc)}") from None
+        raise ConfigError("prepare.overwrite", f"cannot publish {dest}: {one_line(exc, 200)}") from None
     if old is not None:
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)

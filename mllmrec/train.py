@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mllmrec import config as mconfig
 from mllmrec.cache import stable_hash
-from mllmrec.errors import ConfigError, MLLMRecError, report_errors
+from mllmrec.errors import ConfigError, MLLMRecError, one_line, report_errors
 from mllmrec.loggers import build_loggers, finish_loggers
 from mllmrec.pipeline import Inputs, build_inputs, load_data
 
@@ -44,12 +44,6 @@ def _instantiate_group(group: DictConfig | None) -> list:
     if not group:
         return []
     return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
-
-
-def one_line(exc: BaseException) -> str:
-    """The exception's message on one line (Hydra's instantiation errors put the cause on line 2)."""
-    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
-    return (text[:500] + " ...") if len(text) > 500 else (text or type(exc).__name__)
 
 
 def run_dir() -> Path:

@@ -155,7 +155,7 @@ def test_training_gathers_have_a_deterministic_backward():
 def test_failed_job_message_keeps_the_cause_on_one_line():
     from hydra.errors import InstantiationException
 
-    from mllmrec.train import one_line
+    from mllmrec.errors import one_line
 
     exc = InstantiationException(
         "Error in call to target 'pytorch_lightning.trainer.trainer.Trainer':\n"
