@@ -38,7 +38,7 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
 
     mconfig.validate(cfg)
     data = load_data(cfg)
-    cache = ArtifactCache(cfg.paths.cache_dir, cfg.dataset.name)
+    cache = ArtifactCache.from_config(cfg)
     out = Inputs(data)
     stop = STAGE_ORDER.index(until)
 

@@ -9,6 +9,11 @@ import pytest
 from mllmrec.cache import MANIFEST, ArtifactCache, stable_hash
 
 
+def _entries(folder):
+    """A stage folder's entries, the (permanent, empty) ``<key>.lock`` files aside."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
+
+
 class CountingBuild:
     def __init__(self, payload: str = "hello"):
         self.calls = 0
@@ -65,7 +70,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         cache.fetch("encode", {"kind": "items"}, {"texts": "x"}, broken)
     stage_dir = tmp_path / "tiny" / "encode"
-    assert not stage_dir.exists() or list(stage_dir.iterdir()) == []  # neither final nor temp folder
+    assert not stage_dir.exists() or _entries(stage_dir) == []  # neither final nor temp folder
     assert not list(tmp_path.rglob("partial.npy"))
     assert not list(tmp_path.rglob(MANIFEST))
 
@@ -74,7 +79,7 @@ def test_failed_build_leaves_nothing_behind(tmp_path):
     art = cache.fetch("encode", {"kind": "items"}, {"texts": "x"}, build)
     assert build.calls == 1 and art.reused is False
     assert sorted(p.name for p in art.path.iterdir()) == ["data.txt", MANIFEST]
-    assert [p.name for p in stage_dir.iterdir()] == [art.key]
+    assert _entries(stage_dir) == [art.key]
 
 
 def test_keyboard_interrupt_during_build_leaves_nothing(tmp_path):
@@ -86,7 +91,7 @@ def test_keyboard_interrupt_during_build_leaves_nothing(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         cache.fetch("reason", {}, {}, interrupted)
-    assert list((tmp_path / "tiny" / "reason").iterdir()) == []
+    assert _entries(tmp_path / "tiny" / "reason") == []
 
 
 def test_different_config_or_inputs_give_different_keys(tmp_path):

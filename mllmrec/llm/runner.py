@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
-from mllmrec.cache import MANIFEST, Artifact, ArtifactCache, stable_hash
+from mllmrec.cache import Artifact, ArtifactCache, stable_hash
 from mllmrec.errors import ConfigError
 from mllmrec.llm import backends
 from mllmrec.llm.backends import Request, Result
@@ -140,7 +140,7 @@ def generate(
     config = {**dict(settings), **dict(assembly)}
     inputs = {"requests": stable_hash([[r.id, r.input_hash] for r in requests], 32), "rows": str(n_rows)}
     key = cache.key_for(stage, config, inputs)
-    if (cache.path_for(stage, key) / MANIFEST).is_file():
+    if cache.lookup(stage, key) is not None:  # published and sound (a damaged one is rebuilt below)
         return cache.fetch(stage, config, inputs, _never)
 
     store = WorkStore(cache.work_dir(stage, stable_hash(dict(settings))))
