@@ -69,21 +69,24 @@ def test_kill9_during_training_then_resume_gives_the_same_metrics(tiny_dir, tmp_
     assert json.loads((tmp_path / "killed" / "metrics.json").read_text())["epochs"] == 3
 
 
-def test_two_publishers_of_one_artifact_leave_one_complete_copy(tmp_path):
+def test_two_builders_of_one_artifact_build_once_and_leave_one_complete_copy(tmp_path):
+    """Two threads (separate lock descriptors, as two processes) want one key: the key's lock lets
+    one build while the other waits and then reuses it (processes: tests/test_cache_integrity.py)."""
     from mllmrec.cache import ArtifactCache
 
     cache = ArtifactCache(tmp_path, "d")
-    barrier = threading.Barrier(2)
-    results, errors = [], []
+    start = threading.Barrier(2)
+    results, errors, builds = [], [], []
 
     def build(out):
-        barrier.wait(timeout=10)  # both builders are inside build() at the same time
+        builds.append(1)
         (out / "x.txt").write_text("payload")
-        time.sleep(0.2)
+        time.sleep(0.3)  # the other thread asks for the key meanwhile
         return {"rows": 1}
 
     def worker():
         try:
+            start.wait(timeout=10)
             results.append(cache.fetch("stage", {"a": 1}, {"in": "h"}, build))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -94,10 +97,12 @@ def test_two_publishers_of_one_artifact_leave_one_complete_copy(tmp_path):
     for t in threads:
         t.join(30)
     assert not errors, errors
+    assert len(builds) == 1
     assert len(results) == 2 and results[0].path == results[1].path
+    assert sorted(r.reused for r in results) == [False, True]
     stage_dir = tmp_path / "d" / "stage"
     entries = sorted(p.name for p in stage_dir.iterdir())
-    assert entries == [results[0].key], entries  # no temp folder left behind
+    assert entries == [results[0].key, f"{results[0].key}.lock"], entries  # no temp folder left behind
     assert (results[0].path / "x.txt").read_text() == "payload"
     assert json.loads((results[0].path / "manifest.json").read_text())["counts"] == {"rows": 1}
 

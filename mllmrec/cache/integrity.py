@@ -130,7 +130,11 @@ def _structure(path: Path) -> str | None:
 
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read is None:  # a newer format: let numpy map it (catches a short file)
+                np.load(path, mmap_mode="r", allow_pickle=False)
+                return None
+            shape, _fortran, dtype = read(f)
             offset = f.tell()
         if dtype.hasobject:
             return None
