@@ -1,0 +1,3 @@
+from mllmrec.cache.cli import entry
+
+entry()
