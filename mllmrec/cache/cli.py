@@ -40,7 +40,8 @@ def _root(cfg: DictConfig) -> Path:
 
 
 def _entries(cfg: DictConfig, root: Path) -> list[Entry]:
-    return list(scan(root, cfg.get("dataset"), cfg.get("stage")))
+    dataset = (cfg.get("dataset") or {}).get("name")
+    return list(scan(root, dataset, cfg.get("stage")))
 
 
 def _config_text(manifest: dict | None, width: int) -> str:
