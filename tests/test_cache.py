@@ -10,7 +10,7 @@ from mllmrec.cache import MANIFEST, ArtifactCache, stable_hash
 
 
 def _entries(folder):
-    """A stage folder's entries, the (permanent, empty) ``<key>.lock`` files aside."""
+    """A stage folder's entries, the (permanent, empty) ``.<key>.lock`` files aside."""
     return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".lock"))
 
 

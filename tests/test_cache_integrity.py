@@ -198,7 +198,7 @@ def test_concurrent_processes_build_one_key_once(tmp_path):
     assert sorted(r.split()[1] for r in results) == ["False", "True", "True"]
     stage = tmp_path / "cache" / "tiny" / "encode"
     key = results[0].split()[0]
-    assert sorted(p.name for p in stage.iterdir()) == [key, f"{key}.lock"]
+    assert sorted(p.name for p in stage.iterdir()) == sorted([key, f".{key}.lock"])
 
 
 def test_file_lock_waits_and_times_out(tmp_path):

@@ -5,7 +5,7 @@ Layout: ``<cache_dir>/<dataset>/<stage>/<key>/`` holding the stage's files and a
 the size and content hash of every file). An artifact is built in a uniquely named temporary
 folder beside its final place and renamed into place only when complete, so a crash or a
 concurrent run never leaves a partial artifact where a reader would find it. Building one key
-holds ``<key>.lock`` (see :mod:`mllmrec.cache.lock`): a second process wanting the same key
+holds ``.<key>.lock`` (see :mod:`mllmrec.cache.lock`): a second process wanting the same key
 waits, then reuses what the first published. Before reuse the files are checked against the
 manifest (see :mod:`mllmrec.cache.integrity`); a damaged artifact is moved aside and rebuilt.
 """
@@ -107,7 +107,7 @@ class ArtifactCache:
         return self.root / self.dataset / stage / key
 
     def lock_path(self, stage: str, key: str) -> Path:
-        return self.root / self.dataset / stage / f"{key}.lock"
+        return self.root / self.dataset / stage / f".{key}.lock"  # hidden: listings of a stage show artifacts only
 
     @staticmethod
     def key_for(stage: str, config: Mapping[str, Any], inputs: Mapping[str, str], version: int = 1) -> str:
