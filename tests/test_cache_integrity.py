@@ -112,6 +112,15 @@ def test_verify_size_skips_hashes_and_full_hashes_big_artifacts(tmp_path):
         ArtifactCache(tmp_path, "tiny", verify="sometimes")
 
 
+def test_cache_settings_come_from_the_config(compose_cfg):
+    from mllmrec.errors import ConfigError
+
+    cache = ArtifactCache.from_config(compose_cfg("cache.verify=full", "cache.hash_limit_mb=1", "cache.lock_timeout=5"))
+    assert (cache.verify, cache.hash_limit_bytes, cache.lock_timeout, cache.dataset) == ("full", 2**20, 5.0, "tiny")
+    with pytest.raises(ConfigError, match="'cache.verify'"):
+        ArtifactCache.from_config(compose_cfg("cache.verify=sometimes"))
+
+
 def _legacy(art):
     manifest = json.loads((art.path / MANIFEST).read_text())
     del manifest["files"], manifest["hash"]

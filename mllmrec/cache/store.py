@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 from mllmrec.cache import integrity
 from mllmrec.cache.integrity import HASH, MANIFEST, ManifestError
 from mllmrec.cache.lock import file_lock
-from mllmrec.errors import MLLMRecError
+from mllmrec.errors import ConfigError, MLLMRecError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class ArtifactCache:
         """From a composed config: ``paths.cache_dir``, ``dataset.name`` and the ``cache`` node."""
         opts = cfg.get("cache") or {}
         timeout = opts.get("lock_timeout")
+        if str(opts.get("verify", "auto")) not in integrity.VERIFY_MODES:
+            raise ConfigError("cache.verify", f"must be one of {', '.join(integrity.VERIFY_MODES)}, got {opts.get('verify')!r}")
         return cls(cfg.paths.cache_dir, dataset or cfg.dataset.name, verify=str(opts.get("verify", "auto")),
                    hash_limit_mb=float(opts.get("hash_limit_mb", 256)),
                    lock_timeout=None if timeout is None else float(timeout))
