@@ -218,3 +218,22 @@ def test_file_lock_waits_and_times_out(tmp_path):
                 pass  # pragma: no cover
     with file_lock(path, timeout=0.3):  # released: taken at once
         assert path.exists()
+
+
+def test_damage_in_a_read_only_cache_is_one_clear_error(tmp_path, monkeypatch):
+    from mllmrec.cache import integrity
+    from mllmrec.errors import MLLMRecError
+
+    cache, build = ArtifactCache(tmp_path, "tiny"), Build()
+    art = fetch(cache, build)
+    _truncate(art)
+
+    def refuse(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    monkeypatch.setattr(integrity.os, "rename", refuse)
+    with pytest.raises(MLLMRecError) as info:
+        fetch(cache, build)
+    msg = str(info.value)
+    assert "\n" not in msg and str(art.path) in msg and "cannot be moved aside" in msg and "Read-only" in msg
+    assert build.calls == 1  # nothing rebuilt over a folder it could not move

@@ -18,6 +18,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from mllmrec.errors import MLLMRecError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -167,5 +169,8 @@ def quarantine(folder: Path, reason: str, what: str) -> Path | None:
         os.rename(folder, target)
     except FileNotFoundError:  # someone else moved it already
         return None
+    except OSError as exc:  # e.g. a read-only shared cache: say what is wrong and what to do
+        raise MLLMRecError(f"{what}: cached artifact {folder} is damaged ({reason}) and cannot be moved aside "
+                           f"({exc.strerror or exc}); remove it, or point paths.cache_dir at a writable copy") from exc
     log.warning("%s: cached artifact %s is damaged (%s); moved aside to %s, rebuilding", what, folder, reason, target.name)
     return target
