@@ -83,7 +83,7 @@ def judge(cells: pd.DataFrame) -> pd.DataFrame:
     cells.loc[b, "best"] = True
     se = np.sqrt(std[b] ** 2 / n[b] + std**2 / n)  # NaN where a std is undefined (n < 2)
     cells["se_diff"] = se.where(~cells["best"])
-    cells["within_1se_of_best"] = (~cells["best"]) & ((mean[b] - mean) <= se).fillna(False)
+    cells["within_1se_of_best"] = (~cells["best"]) & se.notna() & ((mean[b] - mean) <= se)
     return cells
 
 
