@@ -22,6 +22,8 @@ from mllmrec.cells import METRIC_COLUMNS, RULE, SELECT, best_cell, fmt_value, me
 log = logging.getLogger("mllmrec.sweep")
 
 AXES = ("graph.alpha", "graph.k_c")
+BEST_STYLE = {"edgecolor": "red", "linewidth": 2.5}
+TIED_STYLE = {"edgecolor": "magenta", "linewidth": 2.5, "linestyle": "--"}
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
@@ -80,6 +82,30 @@ def _cell_label(cell: pd.Series, metric: str, n_max: int) -> str:
     return text if cell["n"] == n_max else f"{text}\n(n={cell['n']})"
 
 
+def _heatmap_panel(ax, cells: pd.DataFrame, metric: str, alphas: list, kcs: list):
+    """One panel: the cells' mean ``metric`` with their labels and the best / within-1-SE outlines."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = _cell_grid(cells, f"{metric}_mean", alphas, kcs)
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(kcs)), [str(k) for k in kcs])
+    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_xlabel("K_c (co-occurrence neighbours)")
+    ax.set_ylabel("alpha (similarity threshold)")
+    finite = grid[np.isfinite(grid)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    n_max = int(cells["n"].max())
+    for _, c in cells.iterrows():
+        a, k = alphas.index(float(c["graph.alpha"])), kcs.index(int(c["graph.k_c"]))
+        ax.text(k, a, _cell_label(c, metric, n_max), ha="center", va="center", fontsize=9,
+                color="black" if grid[a, k] > mid else "white")
+        if c["best"] or c["within_1se_of_best"]:
+            ax.add_patch(plt.Rectangle((k - 0.46, a - 0.46), 0.92, 0.92, fill=False,
+                                       **(BEST_STYLE if c["best"] else TIED_STYLE)))
+    return im
+
+
 def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "") -> Path | None:
     """Mean validation R@20 over alpha x K_c beside mean test R@20, "± std" per cell when seeds were
     swept; the best cell (by mean validation R@20) boxed, the cells within 1 SE of it outlined."""
@@ -87,7 +113,6 @@ def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "") -> Path | Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     from matplotlib.lines import Line2D
 
     cells = slice_at(cells[cells[f"{SELECT}_mean"].notna()], best_cell(cells), AXES)
@@ -99,26 +124,11 @@ def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "") -> Path | Non
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.5 * len(kcs) * 2, 2.3 + (1.0 if n_max > 1 else 0.8) * len(alphas)),
                              squeeze=False)
     for ax, metric, label in zip(axes[0], ("val/recall@20", "test/recall@20"), ("validation R@20", "test R@20")):
-        grid = _cell_grid(cells, f"{metric}_mean", alphas, kcs)
-        im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(kcs)), [str(k) for k in kcs])
-        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-        ax.set_xlabel("K_c (co-occurrence neighbours)")
-        ax.set_ylabel("alpha (similarity threshold)")
+        fig.colorbar(_heatmap_panel(ax, cells, metric, alphas, kcs), ax=ax, shrink=0.8)
         ax.set_title(label + (f", mean ± std over {n_max} seeds" if n_max > 1 else ""))
-        finite = grid[np.isfinite(grid)]
-        mid = (finite.min() + finite.max()) / 2 if finite.size else 0
-        for _, c in cells.iterrows():
-            a, k = alphas.index(float(c["graph.alpha"])), kcs.index(int(c["graph.k_c"]))
-            ax.text(k, a, _cell_label(c, metric, n_max), ha="center", va="center", fontsize=9,
-                    color="black" if grid[a, k] > mid else "white")
-            if c["best"] or c["within_1se_of_best"]:
-                style = dict(edgecolor="red", linewidth=2.5) if c["best"] else dict(edgecolor="magenta", linewidth=2.5, linestyle="--")
-                ax.add_patch(plt.Rectangle((k - 0.46, a - 0.46), 0.92, 0.92, fill=False, **style))
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    handles = [Line2D([], [], color="red", linewidth=2.5, label="best mean validation R@20")]
+    handles = [Line2D([], [], color=BEST_STYLE["edgecolor"], linewidth=2.5, label="best mean validation R@20")]
     if n_max > 1:
-        handles.append(Line2D([], [], color="magenta", linewidth=2.5, linestyle="--",
+        handles.append(Line2D([], [], color=TIED_STYLE["edgecolor"], linewidth=2.5, linestyle="--",
                               label=f"not distinguishable from the best ({RULE}, on validation R@20)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title or "alpha x K_c sensitivity")

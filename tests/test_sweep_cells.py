@@ -133,6 +133,21 @@ def test_one_seed_per_cell_keeps_todays_behaviour(tmp_path):
     best = cells[cells["best"]].iloc[0]
     assert best["cell"] == "graph.alpha=0.5,graph.k_c=10"
     assert best["val/recall@20_mean"] == best_row(df)["val/recall@20"] == 0.13
+    from mllmrec.sweep import plot_heatmap
+
+    px = outline_pixels(plot_heatmap(cells, tmp_path / "heatmap.png"))
+    assert px["red"] > 500 and px["magenta"] == 0
+
+
+def outline_pixels(png) -> dict:
+    """How many pixels of the heatmap are the best box's red and the within-1-SE outline's magenta
+    (neither colour occurs in viridis or in the text)."""
+    import matplotlib.image as mpimg
+
+    rgb = mpimg.imread(png)[..., :3]
+    red = (rgb[..., 0] > 0.9) & (rgb[..., 1] < 0.15) & (rgb[..., 2] < 0.15)
+    magenta = (rgb[..., 0] > 0.9) & (rgb[..., 1] < 0.15) & (rgb[..., 2] > 0.9)
+    return {"red": int(red.sum()), "magenta": int(magenta.sum())}
 
 
 def run_summary(sweep, caplog, **cfg):
@@ -154,6 +169,8 @@ def test_callback_writes_cells_heatmap_and_logs_mean_std_n(sweep, caplog):
     assert len(by_cell) == len(GRID) and len(pd.read_csv(sweep / "summary.csv")) == sum(map(len, GRID.values()))
     img = mpimg.imread(sweep / "heatmap.png")
     assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 600
+    px = outline_pixels(sweep / "heatmap.png")
+    assert px["red"] > 500 and px["magenta"] > 2 * 500  # two outlined cells on each of two panels
     want, _, _ = expected_cells()
     b = want[(0.4, 10)]
     line = next(ln for ln in caplog.text.splitlines() if "best by validation R@20" in ln)
