@@ -59,6 +59,14 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     return df
 
 
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """A summary table, written atomically: a reader (or a crash) never leaves half a CSV."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
 def best_row(df: pd.DataFrame) -> pd.Series | None:
     """The best single JOB by validation R@20 (the best CELL, by mean, is ``cells.best_cell``)."""
     ok = df[(df["status"] == "completed") & df["val/recall@20"].notna()] if "val/recall@20" in df else df.iloc[:0]
@@ -179,7 +187,7 @@ def ablation_table(cells: pd.DataFrame, sweep_dir: Path) -> Path:
                                    (("R@20", "test/recall@20"), ("N@20", "test/ndcg@20"), ("val R@20", "val/recall@20"))
                                    for suffix in ("_mean", "_std")},
                         "best epoch": c["best_epoch_mean"], "n": c["n"], "status": _cell_status(c)})
-    pd.DataFrame(numbers).to_csv(sweep_dir / "ablation.csv", index=False)
+    write_csv(pd.DataFrame(numbers), sweep_dir / "ablation.csv")
     table = pd.DataFrame(rows)
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     for _, r in table.iterrows():
@@ -297,9 +305,9 @@ class SweepSummary(Callback):
             log.warning("multirun: no job folders under %s", sweep_dir)
             return
         csv_path = sweep_dir / "summary.csv"
-        df.to_csv(csv_path, index=False)
+        write_csv(df, csv_path)
         cells = summarize_cells(df)
-        cells.to_csv(sweep_dir / "summary_by_cell.csv", index=False)
+        write_csv(cells, sweep_dir / "summary_by_cell.csv")
         dataset = OmegaConf.select(config, "dataset.name")
         plot = None
         if any(varying(df, a) for a in AXES):
