@@ -17,6 +17,15 @@ def safe_dirname(text: str, limit: int = 150) -> str:
     return text[:limit] or "defaults"
 
 
+def seed_axis(seeds) -> str:
+    """``seeds: 5`` -> the sweep axis ``range(1,6)`` (seeds 1..5), for ``hydra.sweeper.params.seed``."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ConfigError("seeds", f"must be an integer >= 1 (the number of seeds per grid cell), got {seeds!r}")
+    return f"range(1,{seeds + 1})"
+
+
+if not OmegaConf.has_resolver("mllmrec_seed_axis"):
+    OmegaConf.register_new_resolver("mllmrec_seed_axis", seed_axis)
 if not OmegaConf.has_resolver("mllmrec_datasets"):
     OmegaConf.register_new_resolver("mllmrec_datasets", lambda: str(EMBEDDED_DATASETS))
 if not OmegaConf.has_resolver("mllmrec_safe"):

@@ -17,14 +17,13 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mllmrec.cells import METRIC_COLUMNS, RULE, SELECT, best_cell, fmt_value, mean_std, setting_columns, slice_at, summarize_cells
+
 log = logging.getLogger("mllmrec.sweep")
 
 AXES = ("graph.alpha", "graph.k_c")
-METRIC_COLUMNS = (
-    "val/recall@10", "val/recall@20", "val/ndcg@10", "val/ndcg@20",
-    "test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20",
-    "best_epoch", "epochs", "fit_seconds",
-)
+BEST_STYLE = {"edgecolor": "red", "linewidth": 2.5}
+TIED_STYLE = {"edgecolor": "magenta", "linewidth": 2.5, "linestyle": "--"}
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
@@ -60,52 +59,88 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     return df
 
 
+def write_csv(df: pd.DataFrame, path: Path) -> Path:
+    """A summary table, written atomically: a reader (or a crash) never leaves half a CSV."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
 def best_row(df: pd.DataFrame) -> pd.Series | None:
+    """The best single JOB by validation R@20 (the best CELL, by mean, is ``cells.best_cell``)."""
     ok = df[(df["status"] == "completed") & df["val/recall@20"].notna()] if "val/recall@20" in df else df.iloc[:0]
     if not len(ok):
         return None
     return ok.loc[ok["val/recall@20"].astype(float).idxmax()]
 
 
-def plot_heatmap(df: pd.DataFrame, path: Path, title: str = "") -> Path | None:
-    """Validation R@20 over alpha x K_c beside test R@20; the best-validation cell is boxed."""
+def _cell_grid(cells: pd.DataFrame, column: str, alphas: list, kcs: list):
+    import numpy as np
+
+    grid = np.full((len(alphas), len(kcs)), np.nan)
+    for _, c in cells.iterrows():
+        grid[alphas.index(float(c["graph.alpha"])), kcs.index(int(c["graph.k_c"]))] = c[column]
+    return grid
+
+
+def _cell_label(cell: pd.Series, metric: str, n_max: int) -> str:
+    mean, std = cell[f"{metric}_mean"], cell[f"{metric}_std"]
+    text = f"{mean:.4f}" if math.isnan(std) else f"{mean:.4f}\n± {std:.4f}"
+    return text if cell["n"] == n_max else f"{text}\n(n={cell['n']})"
+
+
+def _heatmap_panel(ax, cells: pd.DataFrame, metric: str, alphas: list, kcs: list):
+    """One panel: the cells' mean ``metric`` with their labels and the best / within-1-SE outlines."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = _cell_grid(cells, f"{metric}_mean", alphas, kcs)
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(len(kcs)), [str(k) for k in kcs])
+    ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_xlabel("K_c (co-occurrence neighbours)")
+    ax.set_ylabel("alpha (similarity threshold)")
+    finite = grid[np.isfinite(grid)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
+    n_max = int(cells["n"].max())
+    for _, c in cells.iterrows():
+        a, k = alphas.index(float(c["graph.alpha"])), kcs.index(int(c["graph.k_c"]))
+        ax.text(k, a, _cell_label(c, metric, n_max), ha="center", va="center", fontsize=9,
+                color="black" if grid[a, k] > mid else "white")
+        if c["best"] or c["within_1se_of_best"]:
+            ax.add_patch(plt.Rectangle((k - 0.46, a - 0.46), 0.92, 0.92, fill=False,
+                                       **(BEST_STYLE if c["best"] else TIED_STYLE)))
+    return im
+
+
+def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "") -> Path | None:
+    """Mean validation R@20 over alpha x K_c beside mean test R@20, "± std" per cell when seeds were
+    swept; the best cell (by mean validation R@20) boxed, the cells within 1 SE of it outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+    from matplotlib.lines import Line2D
 
-    ok = df[df["status"] == "completed"]
-    if not len(ok) or any(a not in ok for a in AXES):
+    cells = slice_at(cells[cells[f"{SELECT}_mean"].notna()], best_cell(cells), AXES)
+    if not len(cells) or any(a not in cells for a in AXES):
         return None
-    alphas = sorted(ok["graph.alpha"].astype(float).unique())
-    kcs = sorted(ok["graph.k_c"].astype(int).unique())
-    best = best_row(df)
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.2 * len(kcs) * 2, 1.5 + 0.8 * len(alphas)), squeeze=False)
+    alphas = sorted(cells["graph.alpha"].astype(float).unique())
+    kcs = sorted(cells["graph.k_c"].astype(int).unique())
+    n_max = int(cells["n"].max())
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.5 * len(kcs) * 2, 2.3 + (1.0 if n_max > 1 else 0.8) * len(alphas)),
+                             squeeze=False)
     for ax, metric, label in zip(axes[0], ("val/recall@20", "test/recall@20"), ("validation R@20", "test R@20")):
-        grid = np.full((len(alphas), len(kcs)), np.nan)
-        for _, r in ok.iterrows():
-            if r.get(metric) is not None and not (isinstance(r[metric], float) and math.isnan(r[metric])):
-                grid[alphas.index(float(r["graph.alpha"])), kcs.index(int(r["graph.k_c"]))] = float(r[metric])
-        im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-        ax.set_xticks(range(len(kcs)), [str(k) for k in kcs])
-        ax.set_yticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-        ax.set_xlabel("K_c (co-occurrence neighbours)")
-        ax.set_ylabel("alpha (similarity threshold)")
-        ax.set_title(label)
-        finite = grid[np.isfinite(grid)]
-        mid = (finite.min() + finite.max()) / 2 if finite.size else 0
-        for a in range(len(alphas)):
-            for k in range(len(kcs)):
-                if np.isfinite(grid[a, k]):
-                    ax.text(k, a, f"{grid[a, k]:.4f}", ha="center", va="center", fontsize=8,
-                            color="black" if grid[a, k] > mid else "white")
-        if best is not None:
-            a, k = alphas.index(float(best["graph.alpha"])), kcs.index(int(best["graph.k_c"]))
-            ax.add_patch(plt.Rectangle((k - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(title or "alpha x K_c sensitivity (red box: best validation R@20)")
-    fig.tight_layout()
+        fig.colorbar(_heatmap_panel(ax, cells, metric, alphas, kcs), ax=ax, shrink=0.8)
+        ax.set_title(label + (f", mean ± std over {n_max} seeds" if n_max > 1 else ""))
+    handles = [Line2D([], [], color=BEST_STYLE["edgecolor"], linewidth=2.5, label="best mean validation R@20")]
+    if n_max > 1:
+        handles.append(Line2D([], [], color=TIED_STYLE["edgecolor"], linewidth=2.5, linestyle="--",
+                              label=f"not distinguishable from the best ({RULE}, on validation R@20)"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title or "alpha x K_c sensitivity")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -121,52 +156,75 @@ def varying(df: pd.DataFrame, key: str) -> bool:
     return key in df and df[key].astype(str).nunique() > 1
 
 
-def ablation_table(df: pd.DataFrame, sweep_dir: Path) -> Path:
-    """Table-2-like summary: test R@20 / N@20 per variant (and validation R@20 used to select)."""
-    rows = []
-    for _, r in df.iterrows():
-        ok = r["status"] == "completed"
-        rows.append({
-            "variant": VARIANT_LABELS.get(str(r["variant"]), str(r["variant"])),
-            "R@20": round(float(r["test/recall@20"]), 4) if ok else None,
-            "N@20": round(float(r["test/ndcg@20"]), 4) if ok else None,
-            "val R@20": round(float(r["val/recall@20"]), 4) if ok else None,
-            "best epoch": r.get("best_epoch") if ok else None,
-            "status": r["status"],
-        })
+def _cell_status(cell: pd.Series) -> str:
+    if not cell["failed"]:
+        return "completed"
+    return "failed" if not cell["n"] else f"{cell['failed']} of {cell['n'] + cell['failed']} failed"
+
+
+def _table_value(cell: pd.Series, metric: str, with_n: bool):
+    """A number as today with one seed per cell; ``mean ± std (n)`` once seeds are swept."""
+    if not cell["n"]:
+        return None
+    if not with_n:
+        return round(float(cell[f"{metric}_mean"]), 4)
+    return f"{mean_std(cell, metric)} ({cell['n']})"
+
+
+def ablation_table(cells: pd.DataFrame, sweep_dir: Path) -> Path:
+    """Table-2-like summary, one row per variant (cell): test R@20 / N@20 and the validation R@20
+    used to select; ``mean ± std (n)`` over the seeds when seeds were swept."""
+    with_n = bool((cells["n"] > 1).any())
+    others = [c for c in setting_columns(cells) if c != "variant" and varying(cells, c)]
+    rows, numbers = [], []
+    for _, c in cells.iterrows():
+        head = {"variant": VARIANT_LABELS.get(str(c["variant"]), str(c["variant"])), **{k: fmt_value(c[k]) for k in others}}
+        rows.append({**head, "R@20": _table_value(c, "test/recall@20", with_n), "N@20": _table_value(c, "test/ndcg@20", with_n),
+                     "val R@20": _table_value(c, "val/recall@20", with_n),
+                     "best epoch": (round(float(c["best_epoch_mean"]), 1) if with_n else c["best_epoch_mean"]) if c["n"] else None,
+                     "status": _cell_status(c)})
+        numbers.append({**head, **{f"{label}{suffix}": c[f"{m}{suffix}"] for label, m in
+                                   (("R@20", "test/recall@20"), ("N@20", "test/ndcg@20"), ("val R@20", "val/recall@20"))
+                                   for suffix in ("_mean", "_std")},
+                        "best epoch": c["best_epoch_mean"], "n": c["n"], "status": _cell_status(c)})
+    write_csv(pd.DataFrame(numbers), sweep_dir / "ablation.csv")
     table = pd.DataFrame(rows)
-    table.to_csv(sweep_dir / "ablation.csv", index=False)
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in r) + " |")
     path = sweep_dir / "ablation.md"
     path.write_text("\n".join(lines) + "\n")
-    log.info("ablation (test metrics at the best validation epoch):\n%s", "\n".join(lines))
+    note = " (mean ± std (n) over seeds)" if with_n else ""
+    log.info("ablation (test metrics at the best validation epoch%s):\n%s", note, "\n".join(lines))
     return path
 
 
-def plot_line(df: pd.DataFrame, key: str, path: Path, title: str = "") -> Path | None:
-    """Metric against one swept numeric setting (e.g. model.d: the paper's Figure 5)."""
+def plot_line(cells: pd.DataFrame, key: str, path: Path, title: str = "") -> Path | None:
+    """Metric against one swept numeric setting (e.g. model.d: the paper's Figure 5); the mean over
+    seeds with ± std error bars when seeds were swept."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = df[df["status"] == "completed"].copy()
+    ok = slice_at(cells[cells["n"] > 0], best_cell(cells), (key,)).copy()
     ok["_x"] = pd.to_numeric(ok[key], errors="coerce")
     ok = ok.dropna(subset=["_x"]).sort_values("_x")
     if not len(ok):
         return None
+    n_max = int(ok["n"].max())
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, metric in zip(axes, ("recall@20", "ndcg@20")):
         for split, style in (("val", "o--"), ("test", "s-")):
-            ax.plot(ok["_x"], ok[f"{split}/{metric}"].astype(float), style, label=split)
+            mean, std = ok[f"{split}/{metric}_mean"].astype(float), ok[f"{split}/{metric}_std"].astype(float)
+            ax.errorbar(ok["_x"], mean, yerr=std.fillna(0) if n_max > 1 else None, fmt=style, capsize=3,
+                        label=split + (f" (mean ± std, {n_max} seeds)" if n_max > 1 else ""))
         ax.set_xscale("log", base=2)
         ax.set_xticks(ok["_x"], [f"{x:g}" for x in ok["_x"]])
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(title or f"sensitivity to {key}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -174,7 +232,30 @@ def plot_line(df: pd.DataFrame, key: str, path: Path, title: str = "") -> Path |
     return path
 
 
-def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: pd.DataFrame, heatmap: Path | None) -> None:
+def _best_summary(cells: pd.DataFrame) -> dict:
+    """The best cell's settings, n, and (mean, std) of each metric, as W&B summary keys."""
+    best = best_cell(cells)
+    if best is None:
+        return {}
+    out = {f"best/{k}": best[k] for k in setting_columns(cells) if not pd.isna(best[k])}
+    out.update({"best/cell": best["cell"], "best/n": int(best["n"])})
+    for m in METRIC_COLUMNS:
+        out[f"best/{m}/mean"] = best[f"{m}_mean"]
+        if not math.isnan(best[f"{m}_std"]):
+            out[f"best/{m}/std"] = best[f"{m}_std"]
+    out["within_1se_of_best"] = list(cells.loc[cells["within_1se_of_best"], "cell"])
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in out.items()}
+
+
+def _wandb_table(df: pd.DataFrame):
+    import wandb
+
+    text = [c for c in df.columns if df[c].dtype == object]
+    df = df.astype({c: "string" for c in text}).fillna({c: "" for c in text})
+    return wandb.Table(dataframe=df.astype(object).where(df.notna(), None))  # a missing number: None, not ""
+
+
+def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: pd.DataFrame, cells: pd.DataFrame, plot: Path | None) -> None:
     wb_cfg = OmegaConf.select(config, "logger.wandb")
     if wb_cfg is None:
         return
@@ -192,16 +273,28 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: pd.DataFrame, heatmap
         reinit=True,
     )
     try:
-        table = df.astype({c: "string" for c in df.columns if df[c].dtype == object}).fillna("")
-        run.log({"summary": wandb.Table(dataframe=table)})
-        if heatmap is not None:
-            run.log({"heatmap": wandb.Image(str(heatmap))})
-        best = best_row(df)
-        if best is not None:
-            keep = [*AXES, *METRIC_COLUMNS, "overrides"]
-            run.summary.update({f"best/{k}": best[k] for k in keep if k in best and best[k] is not None})
+        run.log({"summary": _wandb_table(df), "summary_by_cell": _wandb_table(cells)})
+        if plot is not None:
+            run.log({plot.stem: wandb.Image(str(plot))})
+        run.summary.update(_best_summary(cells))
     finally:
         run.finish()
+
+
+def _log_best(cells: pd.DataFrame) -> None:
+    """The best cell by mean validation R@20 with (mean ± std, n), and the cells not distinguishable from it."""
+    best = best_cell(cells)
+    if best is None:
+        return
+    seeds = f" (mean ± std over {best['n']} seeds)" if best["n"] > 1 else ""
+    log.info("best by validation R@20%s: %s | val R@20 %s | test R@10 %s R@20 %s N@10 %s N@20 %s | n=%d",
+             seeds, best["cell"], *(mean_std(best, m) for m in
+                                    ("val/recall@20", "test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20")),
+             best["n"])
+    if (cells["n"] > 1).any():
+        tied = cells[cells["within_1se_of_best"]]
+        listed = "; ".join(f"{c['cell']} (val R@20 {mean_std(c, SELECT)}, n={c['n']})" for _, c in tied.iterrows())
+        log.info("not distinguishable from the best (%s): %s", RULE, listed or "none")
 
 
 class SweepSummary(Callback):
@@ -212,37 +305,27 @@ class SweepSummary(Callback):
             log.warning("multirun: no job folders under %s", sweep_dir)
             return
         csv_path = sweep_dir / "summary.csv"
-        df.to_csv(csv_path, index=False)
+        write_csv(df, csv_path)
+        cells = summarize_cells(df)
+        write_csv(cells, sweep_dir / "summary_by_cell.csv")
         dataset = OmegaConf.select(config, "dataset.name")
-        heatmap = None
+        plot = None
         if any(varying(df, a) for a in AXES):
-            heatmap = plot_heatmap(df, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c (red box: best validation R@20)")
+            plot = plot_heatmap(cells, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c")
         if varying(df, "variant"):
-            ablation_table(df, sweep_dir)
-        if varying(df, "seed"):
-            ok = df[df["status"] == "completed"]
-            spread = {m: (ok[m].astype(float).mean(), ok[m].astype(float).std(ddof=1)) for m in METRIC_COLUMNS[:8]}
-            log.info("over %d seeds (mean ± std): %s", len(ok),
-                     " | ".join(f"{m} {mu:.4f} ± {sd:.4f}" for m, (mu, sd) in spread.items() if m.startswith("test/")))
-        skip = (*AXES, "variant", "seed", "job", "overrides", "status", "error", *METRIC_COLUMNS)
-        others = [c for c in df.columns if c not in skip and varying(df, c)]
+            ablation_table(cells, sweep_dir)
+        others = [c for c in setting_columns(cells) if c not in (*AXES, "variant") and varying(cells, c)]
         for key in others:
-            if pd.to_numeric(df[key], errors="coerce").notna().all():
-                plot = plot_line(df, key, sweep_dir / "sweep.png", f"{dataset}: sensitivity to {key}")
-                heatmap = heatmap or plot
+            if pd.to_numeric(cells[key], errors="coerce").notna().all():
+                line = plot_line(cells, key, sweep_dir / "sweep.png", f"{dataset}: sensitivity to {key}")
+                plot = plot or line
                 break
         n_failed = int((df["status"] != "completed").sum())
-        log.info("multirun: %d jobs (%d failed) -> %s%s", len(df), n_failed, csv_path,
-                 f", {heatmap}" if heatmap else "")
-        best = best_row(df)
-        if best is not None:
-            log.info(
-                "best by validation R@20: %s | val R@20 %.4f | test R@10 %.4f R@20 %.4f N@10 %.4f N@20 %.4f",
-                best["overrides"] or "(defaults)", best["val/recall@20"], best["test/recall@10"],
-                best["test/recall@20"], best["test/ndcg@10"], best["test/ndcg@20"],
-            )
+        log.info("multirun: %d jobs in %d cells (%d failed) -> %s, %s%s", len(df), len(cells), n_failed, csv_path,
+                 sweep_dir / "summary_by_cell.csv", f", {plot}" if plot else "")
+        _log_best(cells)
         try:
-            _log_to_wandb(config, sweep_dir, df, heatmap)
+            _log_to_wandb(config, sweep_dir, df, cells, plot)
         except Exception as exc:  # the summary files stand even if W&B is unreachable
             log.error("multirun: could not log the summary to W&B: %s", exc)
         if n_failed:

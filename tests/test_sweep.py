@@ -1,4 +1,5 @@
-"""alpha x K_c multirun: per-job metrics, summary.csv, heatmap.png, offline W&B runs, one encode."""
+"""alpha x K_c x seed multirun: per-job metrics, summary.csv, summary_by_cell.csv, heatmap.png, offline W&B
+runs, one encode."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import pandas as pd
 import pytest
 
 from conftest import run_module
-from wandb_reader import history_keys
+from wandb_reader import history_keys, summary_values
 
 
 def sweep_args(tiny_dir, out, *extra):
     return ["dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
-            "trainer.max_epochs=2", "callbacks.progress_bar.refresh_rate=0",
+            "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0",
             f"hydra.sweep.dir={out / 'sweep'}", *extra, "-m"]
 
 
@@ -22,8 +23,9 @@ def sweep_args(tiny_dir, out, *extra):
 def grid(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
     assert os.environ["WANDB_MODE"] == "offline"
-    proc = run_module("mllmrec.train", *sweep_args(tiny_dir, out, "logger=wandb", "graph.alpha=0.5,0.7", "graph.k_c=5,10"),
-                      cwd=out, timeout=600)
+    # 2 x 2 x 2: the preset's seed axis (seeds 1, 2) over alpha x K_c
+    proc = run_module("mllmrec.train", *sweep_args(tiny_dir, out, "logger=wandb", "graph.alpha=0.5,0.7", "graph.k_c=5,10",
+                                                   "experiment=grid_seeds", "seeds=2"), cwd=out, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
 
@@ -31,7 +33,7 @@ def grid(tiny_dir, tmp_path_factory):
 def test_each_job_writes_metrics(grid):
     out, _ = grid
     jobs = sorted(p for p in (out / "sweep").iterdir() if (p / ".hydra").is_dir())
-    assert len(jobs) == 4
+    assert len(jobs) == 8
     for job in jobs:
         m = json.loads((job / "metrics.json").read_text())
         assert m["status"] == "completed" and 0 <= m["val/recall@20"] <= 1
@@ -40,8 +42,9 @@ def test_each_job_writes_metrics(grid):
 def test_summary_csv_and_heatmap(grid):
     out, proc = grid
     df = pd.read_csv(out / "sweep" / "summary.csv")
-    assert len(df) == 4
-    assert sorted(zip(df["graph.alpha"], df["graph.k_c"])) == [(0.5, 5), (0.5, 10), (0.7, 5), (0.7, 10)]
+    assert len(df) == 8
+    assert sorted(zip(df["graph.alpha"], df["graph.k_c"], df["seed"])) == [
+        (a, k, s) for a in (0.5, 0.7) for k in (5, 10) for s in (1, 2)]
     assert (df["status"] == "completed").all()
     for col in ("val/recall@20", "test/recall@20", "test/ndcg@20", "best_epoch", "epochs", "fit_seconds"):
         assert df[col].notna().all(), col
@@ -51,20 +54,46 @@ def test_summary_csv_and_heatmap(grid):
 
     img = mpimg.imread(out / "sweep" / "heatmap.png")
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
-    best = df.loc[df["val/recall@20"].idxmax()]
-    logs = proc.stdout + proc.stderr
-    assert "best by validation R@20" in logs
-    assert f"graph.alpha={best['graph.alpha']:g},graph.k_c={int(best['graph.k_c'])}" in logs.replace(".0,", ",")
+
+
+def test_summary_by_cell_groups_the_seeds(grid):
+    out, proc = grid
+    jobs = pd.read_csv(out / "sweep" / "summary.csv")
+    cells = pd.read_csv(out / "sweep" / "summary_by_cell.csv")
+    assert len(cells) == 4 and (cells["n"] == 2).all() and "seed" not in cells
+    # independently: pandas over the per-job rows
+    want = jobs.groupby(["graph.alpha", "graph.k_c"])["test/recall@20"].agg(["mean", "std"])
+    for _, c in cells.iterrows():
+        mean, std = want.loc[(c["graph.alpha"], c["graph.k_c"])]
+        assert c["test/recall@20_mean"] == pytest.approx(mean) and c["test/recall@20_std"] == pytest.approx(std)
+    means = jobs.groupby(["graph.alpha", "graph.k_c"], sort=False)["val/recall@20"].mean()
+    best = cells[cells["best"]].iloc[0]
+    assert (best["graph.alpha"], best["graph.k_c"]) == means.idxmax()
+    line = next(ln for ln in (proc.stdout + proc.stderr).splitlines() if "best by validation R@20" in ln)
+    assert f"graph.alpha={best['graph.alpha']:g},graph.k_c={int(best['graph.k_c'])} " in line
+    assert "over 2 seeds" in line and "n=2" in line and " ± " in line
 
 
 def test_offline_wandb_runs_hold_validation_history(grid):
     out, _ = grid
     runs = sorted((out / "sweep").glob("*/wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 4
+    assert len(runs) == 8
     for run in runs:
         keys = history_keys(run)
         assert {"val/recall@20", "train/loss", "test/recall@20"} <= keys, keys
     assert list((out / "sweep" / "wandb").glob("offline-run-*/run-*.wandb")), "no sweep-summary run"
+
+
+def test_sweep_summary_run_carries_the_best_cells_mean_std_n(grid):
+    out, _ = grid
+    (run,) = (out / "sweep" / "wandb").glob("offline-run-*/run-*.wandb")
+    summary = summary_values(run)
+    best = pd.read_csv(out / "sweep" / "summary_by_cell.csv").query("best").iloc[0]
+    assert summary["best/cell"] == best["cell"] and summary["best/n"] == 2
+    for m in ("val/recall@20", "test/recall@20", "test/ndcg@20"):
+        assert summary[f"best/{m}/mean"] == pytest.approx(best[f"{m}_mean"])
+        assert summary[f"best/{m}/std"] == pytest.approx(best[f"{m}_std"])
+    assert summary["summary_by_cell/nrows"] == 4 and summary["summary/nrows"] == 8
 
 
 def test_encode_runs_once_for_the_whole_grid(grid):

@@ -53,3 +53,15 @@ def history_keys(path: Path) -> set[str]:
             for item in rec.history.item:
                 keys.add(item.key or "/".join(item.nested_key))
     return keys
+
+
+def summary_values(path: Path) -> dict:
+    """The run summary (``run.summary``) as written to the file: key -> decoded JSON value, last write wins."""
+    import json
+
+    out = {}
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "summary":
+            for item in rec.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
