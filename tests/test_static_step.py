@@ -73,11 +73,12 @@ def test_mode_switch():
         resolve_mode(True, cuda, ui_layers=2)
 
 
-def fit(tiny_data, tmp_path, cuda_graphs, epochs, ckpt_path=None):
+def fit(tiny_data, tmp_path, cuda_graphs, epochs, ckpt_path=None, accelerator="cpu"):
+    """``epochs`` epochs of 4 steps (3 full batches of 64 and one of 18, padded) on the tiny data."""
     pl.seed_everything(3, verbose=False)
     model = make_model(tiny_data.n_users, tiny_data.n_items, cuda_graphs=cuda_graphs)
     dm = RecDataModule(batch_size=64, eval_batch_size=16, seed=3).attach(tiny_data)  # 210 rows: 3 x 64 + 18
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
                          callbacks=[pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)])
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
