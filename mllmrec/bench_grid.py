@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ def piece_grid(data_root, dataset, device="cuda", n_jobs=4, cuda_graphs="false",
         out[f"{label}_epochs_total"] = int(df["epochs"].sum()) if df is not None else None
         if proc.returncode != 0:
             out[f"{label}_error"] = _last_error(proc)
+    shutil.rmtree(work, ignore_errors=True)
     return out
 
 

@@ -195,3 +195,17 @@ def test_blockwise_evaluation_on_cuda_equals_the_dense_reference():
     for m, v in expected.items():
         assert got[m] == pytest.approx(v, abs=1e-6), m
     assert all(r <= 16 and c == N_ITEMS for r, c in shapes)
+
+
+def test_joblib_jobs_take_their_gpu_by_job_number(tiny_dir, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    n_gpus = torch.cuda.device_count()
+    proc = run_module("mllmrec.train", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={tmp_path}",
+                      "trainer.max_epochs=1", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                      "graph.alpha=0.6", "graph.k_c=5,10", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+                      f"launcher.gpus_per_node={n_gpus}", "-m", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in sorted((tmp_path / "sweep").glob("[0-9]*")):
+        num = int(job.name.split("_")[0])
+        assert f"trains on cuda:{num % n_gpus}" in (job / "train.log").read_text()
+        assert json.loads((job / "metrics.json").read_text())["device"].startswith("cuda")

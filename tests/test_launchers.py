@@ -45,9 +45,11 @@ def check_full_summary(out, proc):
 
 def test_joblib_two_concurrent_jobs_share_one_fresh_cache(tiny_dir, tmp_path):
     """Two jobs at once, both needing the same missing stage artifacts (encode, graph-knn)."""
-    proc = run_module("mllmrec.train", *grid_args(tiny_dir, tmp_path, "parallel", "hydra.launcher.n_jobs=2"),
-                      cwd=tmp_path, timeout=600)
-    check_full_summary(tmp_path, proc)
+    proc = run_module("mllmrec.train", *grid_args(tiny_dir, tmp_path, "parallel", "hydra.launcher.n_jobs=2",
+                                                  "launcher.gpus_per_node=2"), cwd=tmp_path, timeout=600)
+    df = check_full_summary(tmp_path, proc)
+    for job in df["job"]:  # the per-job GPU choice ran in each job (no GPU here: it says so and trains on CPU)
+        assert "launcher.gpus_per_node=2 but no CUDA device" in (tmp_path / "sweep" / job / "train.log").read_text()
     cache = tmp_path / "cache" / "tiny"
     # one published artifact per key, no leftover temporary folders from the concurrent builds
     assert len(list((cache / "graph-knn").iterdir())) == 1
