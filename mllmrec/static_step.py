@@ -13,7 +13,9 @@ CUDA graph and then replayed with one launch per step:
   also initialise Adam's state and the libraries' workspaces), the next one is captured and
   every later one replays the graph after copying the batch into the graph's input tensors.
 
-Lightning stays the trainer (manual optimisation): the step goes through
+Lightning stays the trainer (manual optimisation). The datamodule hands over the whole epoch as
+one Lightning batch (``RecDataModule.epoch_as_one_batch``) and the model runs its batch-size steps
+in a loop, so Lightning's per-batch loop and hooks run once per epoch. Every step goes through
 ``LightningOptimizer.step(closure)``, so the global step, checkpoints, resume, early stopping and
 loggers behave as with automatic optimisation. :class:`ReplayableAdam` is Adam whose ``step``
 only runs the closure while a captured graph (which contains the update) is replayed.

@@ -90,6 +90,9 @@ def test_static_step_inside_lightning_trains_like_the_normal_step_and_resumes(ti
     static, t_static = fit(tiny_data, tmp_path / "static", True, 3)
     assert not static.automatic_optimization and normal.automatic_optimization
     assert t_static.global_step == t_normal.global_step == 3 * 4  # one optimizer step per batch
+    assert len(t_static.train_dataloader) == 1  # the static step takes the epoch in one Lightning batch
+    torch.testing.assert_close(t_static.callback_metrics["train/loss"], t_normal.callback_metrics["train/loss"],
+                               rtol=1e-5, atol=1e-7)  # the same epoch mean of the BPR loss
     for (name, p_ref), (_, p) in zip(normal.named_parameters(), static.named_parameters()):
         if name == "item_tower.fc2.bias":  # y_ui - y_uj does not depend on it: its gradient is rounding
             continue                       # noise, which Adam scales up to lr-sized steps in either path
