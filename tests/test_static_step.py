@@ -106,3 +106,13 @@ def test_static_step_inside_lightning_trains_like_the_normal_step_and_resumes(ti
     assert t_resumed.global_step == 12
     for (name, p_ref), (_, p) in zip(static.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("override, key", [("model.cuda_graphs=sometimes", "model.cuda_graphs"),
+                                           ("launcher.gpus_per_node=-1", "launcher.gpus_per_node")])
+def test_bad_switches_are_refused_up_front(compose_cfg, override, key):
+    from mllmrec.config import validate
+
+    validate(compose_cfg())  # the defaults pass
+    with pytest.raises(ConfigError, match=f"config '{key}'"):
+        validate(compose_cfg(override))
