@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mllmrec.bench_grid import gpu_rows, piece_grid
+
 log = logging.getLogger("mllmrec.bench")
 
 FEATURE_DIM = 384
@@ -141,7 +143,7 @@ def piece_graph_dense(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, 
             "items": data.n_items, "e_star_checksum": float(total.abs().sum())}
 
 
-def _sports_setup(data_root, dataset, device, eval_batch_size="auto"):
+def _sports_setup(data_root, dataset, device, eval_batch_size="auto", cuda_graphs=False):
     import torch
 
     from mllmrec.datamodule import RecDataModule
@@ -151,16 +153,16 @@ def _sports_setup(data_root, dataset, device, eval_batch_size="auto"):
     users = torch.from_numpy(random_unit(data.n_users, seed=1))
     items = torch.from_numpy(random_unit(data.n_items, seed=2))
     torch.manual_seed(0)
-    model = MLLMRecModule(users, items)
+    model = MLLMRecModule(users, items, cuda_graphs=cuda_graphs)
     dm = RecDataModule(batch_size=2048, eval_batch_size=eval_batch_size, seed=0).attach(data)
     return data, model, dm
 
 
-def piece_train_ours(data_root, dataset, epochs=3, device="cpu", **_):
+def piece_train_ours(data_root, dataset, epochs=3, device="cpu", cuda_graphs=False, **_):
     """Per-epoch seconds of our Lightning loop (train + validation); first epoch is warm-up."""
     import pytorch_lightning as pl
 
-    data, model, dm = _sports_setup(data_root, dataset, device)
+    data, model, dm = _sports_setup(data_root, dataset, device, cuda_graphs=cuda_graphs)
     times = []
 
     class Timer(pl.Callback):
@@ -317,6 +319,7 @@ PIECES = {
     "train_ours": piece_train_ours,
     "train_official": piece_train_official,
     "eval_ours": piece_eval_ours,
+    "grid": piece_grid,
 }
 
 
@@ -354,7 +357,8 @@ def run_bench(cfg) -> dict:
 
     def run_piece_here(piece: str, **kwargs) -> dict:
         result = run_piece(piece, data_root=str(root), **kwargs)
-        pieces[f"{piece}.{kwargs.get('dataset')}"] = result
+        key = f"{piece}.{kwargs.get('dataset')}"
+        pieces[key if key not in pieces else f"{key}.{len(pieces)}"] = result
         if "error" in result:
             out["errors"].append(f"{piece} {kwargs.get('dataset')}: {result['error']}")
         return result
@@ -398,6 +402,8 @@ def run_bench(cfg) -> dict:
                     f"train.{name}.gemm_floor_eval_seconds": floor.get("eval_seconds")})
         rows.append((f"GEMM floor of that epoch, {name}", floor.get("seconds"), None, official.get("epoch_seconds"), None,
                      "matrix products alone; speed-up = the most any exact fp32 version can reach"))
+        if device == "cuda":  # the captured training step (model.cuda_graphs) and the grid, floor beside
+            rows += gpu_rows(run_piece_here, name, int(cfg.epochs), ours, floor, bool(cfg.get("grid", False)))
     if have("sports"):
         ev = run_piece_here("eval_ours", dataset="sports", device=device)
         out.update({"eval.sports.seconds": ev.get("seconds"), "eval.sports.users": ev.get("users")})

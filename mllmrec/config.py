@@ -56,3 +56,6 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg, "model.lr", lambda v: float(v) > 0, "must be > 0")
     _check(cfg, "reason.history", lambda v: v in ("train", "all"), "must be 'train' or 'all'")
     _check(cfg, "model.user_init", lambda v: v in ("preference", "random"), "must be 'preference' or 'random'")
+    # issue 13: the static-shape (CUDA graphs) step and the per-job GPU of a multirun
+    _check(cfg, "model.cuda_graphs", lambda v: str(v).lower() in ("auto", "true", "false"), "must be auto, true or false")
+    _check(cfg, "launcher.gpus_per_node", lambda v: int(v) == v and v >= 0, "must be an integer >= 0")

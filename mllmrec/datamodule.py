@@ -47,6 +47,8 @@ class TripletEpochs:
         self._epoch = 0
 
     def __len__(self) -> int:
+        if self.dm.epoch_as_one_batch:
+            return 1
         n = self.dm.train_users.numel()
         return (n + self.dm.batch_size - 1) // self.dm.batch_size
 
@@ -61,6 +63,9 @@ class TripletEpochs:
         users = dm.train_users[perm]
         pos = dm.train_items[perm]
         neg = sample_negatives(users, dm.train_keys, dm.n_items, gen)
+        if dm.epoch_as_one_batch:  # the model splits it into batch_size steps itself (model.cuda_graphs)
+            yield users, pos, neg
+            return
         for start in range(0, users.numel(), dm.batch_size):
             end = start + dm.batch_size
             yield users[start:end], pos[start:end], neg[start:end]
@@ -87,6 +92,9 @@ class RecDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.data: RecData | None = None
         self._device: torch.device | None = None
+        # set by a model that runs the epoch's steps itself (the static-shape step): one Lightning
+        # batch per epoch, so Lightning's per-batch loop and hooks run once instead of per step
+        self.epoch_as_one_batch = False
 
     def attach(self, data: RecData) -> "RecDataModule":
         self.data = data

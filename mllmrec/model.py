@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmrec.metrics import METRICS, evaluate_batch
+from mllmrec.static_step import ReplayableAdam, StaticStep, resolve_mode
 
 
 class Tower(nn.Module):
@@ -218,6 +219,7 @@ class MLLMRecModule(RankingModule):
         init: str = "xavier",
         user_init: str = "preference",
         ui_layers: int = 0,
+        cuda_graphs: str | bool = False,
     ):
         super().__init__(lr, weight_decay)
         self.save_hyperparameters(ignore=["user_features", "item_features", "train_matrix"])
@@ -230,6 +232,8 @@ class MLLMRecModule(RankingModule):
             if train_matrix is None:
                 raise ValueError("model.ui_layers > 0 needs the training interaction matrix")
             self.ui_adj = bipartite_norm_adj(train_matrix)
+        self._static: StaticStep | None = None  # model.cuda_graphs: the static-shape (captured) step
+        self._steps_of: int | None = None  # its batch size when the datamodule hands over whole epochs
 
     # index_select: ~4x faster than advanced indexing for these row gathers on CPU
     def user_repr(self, users: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,3 +264,34 @@ class MLLMRecModule(RankingModule):
         uniq_i, inv_i = torch.unique(items, return_inverse=True)
         h_pos, h_neg = rows(self.item_repr(uniq_i), inv_i).split(users.shape[0])
         return bpr_loss(h_u, h_pos, h_neg)
+
+    # ---- model.cuda_graphs: the static-shape training step (mllmrec/static_step.py) ----------
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        use, capture = resolve_mode(self.hparams.cuda_graphs, self.trainer.strategy.root_device, self.ui_layers)
+        self._static = StaticStep(self, capture) if use else None
+        self.automatic_optimization = not use  # the step drives Adam itself (manual optimisation)
+        dm = self.trainer.datamodule
+        self._steps_of = None
+        if dm is not None and hasattr(dm, "epoch_as_one_batch"):
+            dm.epoch_as_one_batch = use
+            self._steps_of = int(dm.batch_size) if use else None
+
+    def configure_optimizers(self):
+        if self._static is None:
+            return super().configure_optimizers()
+        return ReplayableAdam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
+                              fused=True, capturable=self._static.capture)
+
+    def training_step(self, batch, batch_idx):
+        if self._static is None:
+            return super().training_step(batch, batch_idx)
+        users, pos, neg = batch  # the whole epoch when the datamodule hands it over in one go
+        opt, size, total = self.optimizers(), self._steps_of or users.shape[0], 0.0
+        for start in range(0, users.shape[0], size):  # one optimizer step (and global step) per batch
+            u, p, n = (t[start : start + size] for t in (users, pos, neg))
+            total = total + self._static(opt, u, p, n).detach() * u.shape[0]
+        loss = total / users.shape[0]  # the mean over rows, as Lightning's batch-size-weighted epoch mean
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=users.shape[0])
+        return loss

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from mllmrec import config as mconfig
 from mllmrec.cache import stable_hash
 from mllmrec.errors import ConfigError, MLLMRecError, one_line, report_errors
+from mllmrec.launch import trainer_placement
 from mllmrec.loggers import build_loggers, finish_loggers
 from mllmrec.pipeline import Inputs, build_inputs, load_data
 
@@ -241,7 +242,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: Path, fingerprint: str) -> dict:
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_placement(cfg))
 
     resume_from = resume_checkpoint(cfg, out_dir, fingerprint)
     write_fingerprint(out_dir, cfg, fingerprint)

@@ -136,3 +136,76 @@ def test_gpu_batch_loss_matches_the_deduplicated_cpu_one():
     loss_gpu.backward()
     for (name, p_cpu), p_gpu in zip(cpu.named_parameters(), gpu.parameters()):
         torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# ---- model.cuda_graphs: the captured static-shape step, and blockwise evaluation on the GPU ----
+def test_captured_step_matches_the_eager_static_step_and_the_normal_step():
+    from test_static_step import make_model, triplets
+
+    from mllmrec.static_step import ReplayableAdam, StaticStep
+
+    models = {k: make_model(seed=0).cuda() for k in ("captured", "eager", "normal")}
+    opts = {k: ReplayableAdam(m.parameters(), lr=1e-2, fused=True, capturable=True) for k, m in models.items()}
+    steps = {k: StaticStep(models[k], capture=(k == "captured")) for k in ("captured", "eager")}
+    # warm-up steps, the capture, replays, a short (padded) batch, and full batches again
+    batches = [triplets(64, seed=s) for s in range(6)] + [triplets(23, seed=50), triplets(64, seed=51)]
+    for users, pos, neg in batches:
+        b = [t.cuda() for t in (users, pos, neg)]
+        losses = {k: float(steps[k](opts[k], *b)) for k in steps}
+        opts["normal"].zero_grad(set_to_none=True)
+        ref = models["normal"].batch_loss(*b)
+        ref.backward()
+        opts["normal"].step()
+        assert losses["captured"] == pytest.approx(losses["eager"], rel=1e-5)
+        assert losses["captured"] == pytest.approx(float(ref), rel=1e-4)
+    assert steps["captured"].graph is not None and steps["eager"].graph is None
+    for name, p in models["captured"].named_parameters():
+        if name == "item_tower.fc2.bias":  # zero-gradient direction: rounding noise only (see test_static_step)
+            continue
+        eager, normal = dict(models["eager"].named_parameters())[name], dict(models["normal"].named_parameters())[name]
+        torch.testing.assert_close(p, eager, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(p, normal, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_captured_step_inside_lightning_trains_like_the_normal_step_and_resumes(tiny_data, tmp_path):
+    from test_static_step import fit
+
+    normal, t_normal = fit(tiny_data, tmp_path / "normal", False, 3, accelerator="gpu")
+    graphed, t_graphed = fit(tiny_data, tmp_path / "graphed", True, 3, accelerator="gpu")
+    assert graphed._static is not None and graphed._static.graph is not None  # 12 steps: captured at step 4
+    assert t_graphed.global_step == t_normal.global_step == 12
+    for (name, p_ref), (_, p) in zip(normal.named_parameters(), graphed.named_parameters()):
+        if name != "item_tower.fc2.bias":
+            torch.testing.assert_close(p, p_ref, rtol=1e-3, atol=1e-4, msg=name)
+    fit(tiny_data, tmp_path / "part", True, 2, accelerator="gpu")
+    resumed, t_resumed = fit(tiny_data, tmp_path / "part", True, 3, accelerator="gpu",
+                             ckpt_path=str(tmp_path / "part" / "last.ckpt"))
+    assert t_resumed.global_step == 12
+    for (name, p_ref), (_, p) in zip(graphed.named_parameters(), resumed.named_parameters()):
+        if name != "item_tower.fc2.bias":
+            torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_blockwise_evaluation_on_cuda_equals_the_dense_reference():
+    from test_eval_blocks import N_ITEMS, blockwise, case, dense_reference
+
+    h_u, h_i, train, held, users = case(seed=3)
+    expected = dense_reference(h_u, h_i, train, held, users)
+    got, shapes = blockwise(h_u, h_i, train, held, users, block=16, device="cuda")
+    for m, v in expected.items():
+        assert got[m] == pytest.approx(v, abs=1e-6), m
+    assert all(r <= 16 and c == N_ITEMS for r, c in shapes)
+
+
+def test_joblib_jobs_take_their_gpu_by_job_number(tiny_dir, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    n_gpus = torch.cuda.device_count()
+    proc = run_module("mllmrec.train", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={tmp_path}",
+                      "trainer.max_epochs=1", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                      "graph.alpha=0.6", "graph.k_c=5,10", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
+                      f"launcher.gpus_per_node={n_gpus}", "-m", cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in sorted((tmp_path / "sweep").glob("[0-9]*")):
+        num = int(job.name.split("_")[0])
+        assert f"trains on cuda:{num % n_gpus}" in (job / "train.log").read_text()
+        assert json.loads((job / "metrics.json").read_text())["device"].startswith("cuda")
