@@ -235,8 +235,9 @@ def test_image_parts_match_vllms_openai_chat_request(tmp_path):
     assert [k for k, _ in kinds] == ["image_url", "text"]
     assert kinds[0][1] == req.messages()[0]["content"][0]["image_url"]["url"]
     assert kinds[0][1].startswith("data:image/png;base64,") and kinds[1][1] == "Describe it."
-    # the parser does tell a malformed part apart: no URL found in it
-    assert parse_part({"type": "image_url", "url": kinds[0][1]}) == ("image_url", None)
+    # and it does refuse a malformed part (the URL outside image_url)
+    with pytest.raises(ValueError, match="image_url"):
+        parse_part({"type": "image_url", "url": kinds[0][1]})
 
 
 # ----------------------------------------------------------------------- vllm serve + llm=openai

