@@ -153,10 +153,12 @@ class VLLMBackend:
         if factory is None:
             factory = vllm.LLM
         platform = vllm_engine.vllm_platform() if vllm is not None else "unknown"
-        engine = vllm_engine.engine_options(_plain(llm_cfg.get("engine")) or {}, _plain(llm_cfg.get("engine_extra")) or {},
-                                            str(llm_cfg.model), platform, sampling_options(llm_cfg))
+        args = (_plain(llm_cfg.get("engine")) or {}, _plain(llm_cfg.get("engine_extra")) or {}, str(llm_cfg.model),
+                platform, sampling_options(llm_cfg))
+        engine = vllm_engine.engine_options(*args, explain=False)
         key = stable_hash({"model": str(llm_cfg.model), "engine": engine, "factory": repr(factory)})
         if key not in _ENGINES:
+            vllm_engine.engine_options(*args, explain=True)  # the same options, with the reasons logged
             log.info("vllm: loading %s (%s)", llm_cfg.model, ", ".join(f"{k}={v}" for k, v in engine.items()))
             release_engines()  # one engine at a time on the GPU
             started = time.perf_counter()

@@ -61,30 +61,32 @@ def takes_images(model: str) -> bool | None:
 
 
 def engine_options(engine: Mapping[str, Any], extra: Mapping[str, Any], model: str, platform: str,
-                   sampling: Mapping[str, Any]) -> dict:
-    """``vllm.LLM`` keyword arguments (besides ``model``) for ``platform``."""
+                   sampling: Mapping[str, Any], explain: bool = True) -> dict:
+    """``vllm.LLM`` keyword arguments (besides ``model``) for ``platform``; ``explain``: log a line
+    for each default chosen here (when the engine is loaded)."""
+    log_ = log.info if explain else log.debug
     opts = {k: v for k, v in dict(engine).items() if v is not None}
     opts.update(dict(extra))
     if platform == "cpu":
         if "enforce_eager" not in opts:
             opts["enforce_eager"] = True
-            log.info("vllm: CPU platform: enforce_eager=true (compiling takes minutes on CPU; "
+            log_("vllm: CPU platform: enforce_eager=true (compiling takes minutes on CPU; "
                      "set llm.engine_extra.enforce_eager=false to compile)")
         if sampling.get("seed") is not None and "enable_chunked_prefill" not in opts:
             opts["enable_chunked_prefill"] = False
-            log.info("vllm: CPU platform with llm.sampling.seed=%s: enable_chunked_prefill=false (vLLM's CPU "
+            log_("vllm: CPU platform with llm.sampling.seed=%s: enable_chunked_prefill=false (vLLM's CPU "
                      "runner fails on seeded requests with chunked prefill: 'CPU Generator does not use offset')",
                      sampling["seed"])
         if opts.get("kv_cache_memory_bytes") is None:
             # on CPU, gpu_memory_utilization is the fraction of the machine's memory vLLM reserves
             # (0.9: nearly all of it, refused when other processes use some); a fixed KV cache skips that
             opts["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
-            log.info("vllm: CPU platform: kv_cache_memory_bytes=%d (%.1f GiB) instead of reserving "
+            log_("vllm: CPU platform: kv_cache_memory_bytes=%d (%.1f GiB) instead of reserving "
                      "gpu_memory_utilization of the machine's memory (set llm.engine_extra.kv_cache_memory_bytes "
                      "to change it)", CPU_KV_CACHE_BYTES, CPU_KV_CACHE_BYTES / 2**30)
     if "limit_mm_per_prompt" in opts and takes_images(model) is False:
         opts.pop("limit_mm_per_prompt")
-        log.info("vllm: %s takes no images: limit_mm_per_prompt not passed", model)
+        log_("vllm: %s takes no images: limit_mm_per_prompt not passed", model)
     return opts
 
 
