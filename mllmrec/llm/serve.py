@@ -41,8 +41,11 @@ def _metric(base: str, *names: str) -> float:
 
 
 def finished_requests(base: str) -> int:
-    """vLLM's own count of requests finished (``vllm:request_success_total``, all finish reasons)."""
-    return int(_metric(base, "vllm:request_success_total"))
+    """vLLM's own count of requests answered (``vllm:request_success_total`` over the finish
+    reasons other than ``abort`` and ``error``)."""
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in get(f"{base}/metrics").splitlines()
+                   if line.startswith("vllm:request_success_total")
+                   and 'finished_reason="abort"' not in line and 'finished_reason="error"' not in line))
 
 
 def wait_idle(base: str, timeout: float = 120.0) -> None:
