@@ -88,6 +88,10 @@ def engine():
         mp.setattr(backends, "ENGINE_FACTORY", shared)
         yield shared
     backends.release_engines()
+    shared.llm = None  # shut the engine down now, not at exit (its log lines would hit closed streams)
+    import gc
+
+    gc.collect()
 
 
 def reason_run(model_dir: Path, cache: Path, *extra: str):
