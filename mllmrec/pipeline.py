@@ -86,7 +86,13 @@ def stage_cli(stage: str) -> None:
     @hydra.main(version_base="1.3", config_path=str(mconfig.CONF_DIR), config_name="stage")
     @report_errors
     def main(cfg: DictConfig) -> None:
-        inputs = build_inputs(cfg, until=stage)
+        from mllmrec.llm.runner import ShardDone
+
+        try:
+            inputs = build_inputs(cfg, until=stage)
+        except ShardDone as done:  # llm.shard: this job's share is saved; not an error
+            log.info("%s", done)
+            return
         for name, art in inputs.artifacts.items():
             print(f"{name}: {art.path}{' (reused)' if art.reused else ''}")
 

@@ -27,6 +27,7 @@ from mllmrec.cache import stable_hash
 from mllmrec.errors import ConfigError, MLLMRecError, one_line, report_errors
 from mllmrec.launch import trainer_placement
 from mllmrec.loggers import build_loggers, finish_loggers
+from mllmrec.llm.runner import ShardDone
 from mllmrec.pipeline import Inputs, build_inputs, load_data
 
 log = logging.getLogger("mllmrec.train")
@@ -287,6 +288,10 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
 def main(cfg: DictConfig) -> float:
     try:
         return float(train(cfg)["val/recall@20"])
+    except ShardDone as done:  # llm.shard: this job generated its share; training waits for the merge
+        log.info("%s", done)
+        write_metrics(run_dir(), {"status": "shard_done", "message": str(done)})
+        return float("nan")
     except Exception as exc:
         message = one_line(exc)
         write_metrics(run_dir(), {"status": "failed", "error": f"{type(exc).__name__}: {message}"})

@@ -12,6 +12,7 @@ import os
 import random
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mllmrec.cache import stable_hash
 from mllmrec.errors import ConfigError, MLLMRecError
+from mllmrec.llm import engine as vllm_engine
 from mllmrec.llm.images import data_url
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ GENERATIVE = ("vllm", "openai")
 VLLM_MISSING = (
     "backend 'vllm' needs the vllm package, which is not importable here ({reason}): "
     "pip install 'mllmrec[vllm]' (or pip install vllm) on a CUDA machine, "
-    "or serve the model and use llm=openai"
+    "`make install-llm` for the CPU build in .venv-llm, or serve the model and use llm=openai"
 )
 
 # Tests (and custom engines) may replace vllm.LLM: a callable taking LLM's keyword arguments.
@@ -150,13 +152,18 @@ class VLLMBackend:
             vllm = None
         if factory is None:
             factory = vllm.LLM
-        engine = {k: v for k, v in (_plain(llm_cfg.get("engine")) or {}).items() if v is not None}
-        engine.update(_plain(llm_cfg.get("engine_extra")) or {})
+        platform = vllm_engine.vllm_platform() if vllm is not None else "unknown"
+        args = (_plain(llm_cfg.get("engine")) or {}, _plain(llm_cfg.get("engine_extra")) or {}, str(llm_cfg.model),
+                platform, sampling_options(llm_cfg))
+        engine = vllm_engine.engine_options(*args, explain=False)
         key = stable_hash({"model": str(llm_cfg.model), "engine": engine, "factory": repr(factory)})
         if key not in _ENGINES:
+            vllm_engine.engine_options(*args, explain=True)  # the same options, with the reasons logged
             log.info("vllm: loading %s (%s)", llm_cfg.model, ", ".join(f"{k}={v}" for k, v in engine.items()))
             release_engines()  # one engine at a time on the GPU
-            _ENGINES[key] = factory(model=str(llm_cfg.model), **engine)
+            started = time.perf_counter()
+            _ENGINES[key] = vllm_engine.load(factory, str(llm_cfg.model), engine)
+            log.info("vllm: engine loaded in %.1f s (platform %s)", time.perf_counter() - started, platform)
         self.llm = _ENGINES[key]
         options = sampling_options(llm_cfg)
         self.params = vllm.SamplingParams(**options) if vllm is not None else SimpleNamespace(**options)

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -29,7 +31,7 @@ import pandas as pd
 
 from mllmrec.cache import Artifact, ArtifactCache, stable_hash
 from mllmrec.errors import ConfigError
-from mllmrec.llm import backends
+from mllmrec.llm import backends, prompts
 from mllmrec.llm.backends import Request, Result
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,60 @@ def llm_job(llm_cfg, postprocess: str, postprocess_key: str) -> dict:
         "settings": backends.generation_settings(llm_cfg),
         "backend_factory": lambda: backends.make_backend(llm_cfg),
         "chunk": backends.chunk_size(llm_cfg),
+        "selection": Selection.from_config(llm_cfg),
+        "counter": lambda: prompts.TokenCounter("auto", llm_cfg.get("model")),
     }
+
+
+class ShardDone(Exception):
+    """A shard job (``llm.shard=i``) saved its share of the answers; a run without ``llm.shard``
+    merges them. Not an error: the entry points log it and end the job normally."""
+
+
+def _optional_int(llm_cfg, key: str, minimum: int) -> int | None:
+    value = llm_cfg.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"llm.{key}", f"must be null or an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which requests a run answers: ``llm.limit`` (the first N, or a sample of N drawn with
+    ``llm.limit_seed``) and then ``llm.shard`` of ``llm.num_shards`` (requests whose position
+    modulo num_shards is the shard)."""
+
+    limit: int | None = None
+    limit_seed: int | None = None
+    num_shards: int = 1
+    shard: int | None = None
+
+    @classmethod
+    def from_config(cls, llm_cfg) -> "Selection":
+        limit = _optional_int(llm_cfg, "limit", 1)
+        limit_seed = _optional_int(llm_cfg, "limit_seed", 0)
+        num_shards = _optional_int(llm_cfg, "num_shards", 1) or 1
+        shard = _optional_int(llm_cfg, "shard", 0)
+        if shard is not None and shard >= num_shards:
+            raise ConfigError("llm.shard", f"must be in 0..{num_shards - 1} (llm.num_shards={num_shards}), got {shard}")
+        if shard is not None and num_shards == 1:
+            raise ConfigError("llm.shard", "set llm.num_shards (> 1) as well")
+        return cls(limit, limit_seed, num_shards, shard)
+
+    def limited(self, requests: Sequence[Request]) -> list[Request]:
+        if self.limit is None or self.limit >= len(requests):
+            return list(requests)
+        if self.limit_seed is None:
+            return list(requests[:self.limit])
+        pick = sorted(random.Random(self.limit_seed).sample(range(len(requests)), self.limit))
+        return [requests[i] for i in pick]
+
+    def shard_of(self, requests: Sequence[Request]) -> list[Request]:
+        if self.shard is None:
+            return list(requests)
+        return [r for n, r in enumerate(requests) if n % self.num_shards == self.shard]
 
 
 class WorkStore:
@@ -124,18 +179,32 @@ def generate(
     fill_reason: str,
     counts: Mapping | None = None,
     desc: str | None = None,
+    selection: Selection | None = None,
+    counter: Callable[[], object] | None = None,
 ) -> Artifact:
     """Answer ``requests`` (ids in [0, n_rows)) resumably and publish ``output`` with one row per id.
 
     ``settings`` (backend, model, sampling; see ``llm_job``) and the ``prompt`` template: what the
     answers depend on -> work folder key;
     ``assembly``: how rows are turned into the artifact (post-processing). Rows without a request
-    get an empty text and ``finish_reason=fill_reason``.
+    get an empty text and ``finish_reason=fill_reason`` (``over_limit`` for rows left out by
+    ``llm.limit``). ``selection``: ``llm.limit`` and the shard; a shard job (``llm.shard`` set)
+    saves its answers and raises :class:`ShardDone` instead of publishing; a run without a shard
+    setting then finds them saved (the merge) and generates only what is still missing.
     """
+    selection = selection or Selection()
     settings = {**settings, "prompt": prompt}
     ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{stage}: duplicate request ids")
+    chosen = selection.limited(requests)
+    over_limit = set(ids) - {r.id for r in chosen}
+    if over_limit:
+        log.warning("%s: llm.limit=%d: %d of %d requests (%s); the other %d rows get finish_reason=over_limit",
+                    stage, selection.limit, len(chosen), len(requests),
+                    "first" if selection.limit_seed is None else f"sample, seed {selection.limit_seed}",
+                    len(over_limit))
+    requests = chosen
     how = assembly.get("postprocess", "strip")
     config = {**dict(settings), **dict(assembly)}
     inputs = {"requests": stable_hash([[r.id, r.input_hash] for r in requests], 32), "rows": str(n_rows)}
@@ -145,58 +214,31 @@ def generate(
 
     store = WorkStore(cache.work_dir(stage, stable_hash(dict(settings))))
     saved = store.load()
-    pending = [r for r in requests if (r.id, r.input_hash) not in saved]
-    reused = len(requests) - len(pending)
+    mine = selection.shard_of(requests)
+    pending = [r for r in mine if (r.id, r.input_hash) not in saved]
+    reused = len(requests) - len([r for r in requests if (r.id, r.input_hash) not in saved])
     if reused:
         log.info("%s: %d of %d answers already saved in %s; %d to generate",
                  stage, reused, len(requests), store.folder, len(pending))
     started = time.perf_counter()
     if pending:
-        from tqdm.auto import tqdm
-
-        backend = backend_factory()
-        try:
-            with tqdm(total=len(requests), initial=reused, unit="rows", desc=desc or stage, smoothing=0.1) as bar:
-                for start in range(0, len(pending), chunk):
-                    part = pending[start:start + chunk]
-                    saved.update(store.save(part, backend.generate(part)))
-                    bar.update(len(part))
-        finally:
-            close = getattr(backend, "close", None)
-            if close is not None:
-                close()
+        announce(stage, pending, settings, counter, selection)
+        _answer(stage, store, saved, pending, backend_factory, chunk, desc, done=len(mine) - len(pending))
     seconds = time.perf_counter() - started
+    missing = sum((r.id, r.input_hash) not in saved for r in requests)
+    if selection.shard is not None and requests:  # a shard job generates only; the next unsharded run merges
+        raise ShardDone(f"{stage}: shard {selection.shard} of {selection.num_shards} is done ({len(mine)} requests, "
+                        f"{len(pending)} generated now); " + (
+                            f"{missing} requests of other shards are not answered yet" if missing else
+                            "every shard is answered") + ": run without llm.shard to merge them into the artifact")
     by_id = {r.id: saved[(r.id, r.input_hash)] for r in requests}
+    summary = {"requests": len(requests), "generated_now": len(pending), "reused_saved_answers": reused,
+               "generation_seconds": round(seconds, 3),
+               "rows_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
+               "over_limit": len(over_limit), **dict(counts or {})}
 
     def build(out: Path):
-        rows = []
-        for i in range(n_rows):
-            rec = by_id.get(i)
-            if rec is None:
-                rows.append((i, "", fill_reason, 0, 0))
-            else:
-                rows.append((i, postprocess(rec["text"], how), rec["finish_reason"],
-                             int(rec["prompt_tokens"]), int(rec["completion_tokens"])))
-        df = pd.DataFrame(rows, columns=[id_column, *OUTPUT_COLUMNS])
-        df.to_parquet(out / output, index=False)
-        finish = Counter(df["finish_reason"])
-        answered = df[df[id_column].isin(by_id.keys())]
-        summary = {
-            "rows": n_rows,
-            "requests": len(requests),
-            "generated_now": len(pending),
-            "reused_saved_answers": reused,
-            "generation_seconds": round(seconds, 3),
-            "rows_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
-            "empty_texts": int((df["text"] == "").sum()),
-            "finish_reasons": dict(sorted((str(k), int(v)) for k, v in finish.items())),
-            "truncated_by_max_tokens": int(finish.get("length", 0)),
-            "prompt_tokens": int(answered["prompt_tokens"].sum()),
-            "completion_tokens": int(answered["completion_tokens"].sum()),
-            "mean_completion_tokens": float(answered["completion_tokens"].mean()) if len(answered) else 0.0,
-        }
-        summary.update(dict(counts or {}))
-        return summary
+        return _assemble(out / output, by_id, n_rows, id_column, how, fill_reason, over_limit, summary)
 
     art = cache.fetch(stage, config, inputs, build)
     c = art.manifest["counts"]
@@ -204,6 +246,79 @@ def generate(
         log.warning("%s: %d answers stopped at llm.sampling.max_tokens (finish_reason=length)",
                     stage, c["truncated_by_max_tokens"])
     return art
+
+
+def announce(stage: str, pending: Sequence[Request], settings: Mapping, counter, selection: Selection) -> None:
+    """One line before generating: requests, prompt tokens, and the most tokens the answers can take."""
+    tokens, how = None, "not counted"
+    if counter is not None:
+        tc = counter()
+        tokens = sum(tc.count(r.text) for r in pending)
+        how = f"{tc.name} tokenizer" if tc.tokenizer is not None else "~4 chars/token"
+    images = sum(r.image is not None for r in pending)
+    max_tokens = (settings.get("sampling") or {}).get("max_tokens")
+    where = f" (shard {selection.shard} of {selection.num_shards})" if selection.shard is not None else ""
+    log.info("%s: %d requests to generate%s, %s prompt tokens (%s%s)%s", stage, len(pending), where,
+             "?" if tokens is None else f"{tokens:,}", how, f"; text only, plus {images} images" if images else "",
+             f", at most {max_tokens * len(pending):,} new tokens (max_tokens={max_tokens})" if max_tokens else "")
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+def _answer(stage, store: WorkStore, saved: dict, pending: Sequence[Request], backend_factory, chunk: int,
+            desc: str | None, done: int) -> None:
+    """Generate ``pending`` chunk by chunk, saving each chunk; the bar's ETA (and one log line) come
+    from the throughput of the chunks answered so far, the first one included."""
+    from tqdm.auto import tqdm
+
+    backend = backend_factory()
+    try:
+        with tqdm(total=done + len(pending), initial=done, unit="rows", desc=desc or stage, smoothing=0.1) as bar:
+            t0 = time.perf_counter()
+            for start in range(0, len(pending), chunk):
+                part = pending[start:start + chunk]
+                saved.update(store.save(part, backend.generate(part)))
+                bar.update(len(part))
+                n = start + len(part)
+                rate = n / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"eta {_eta((len(pending) - n) / rate)}", refresh=True)
+                if start == 0:
+                    log.info("%s: first chunk of %d in %.1f s (%.2f requests/s); ETA for the other %d: %s", stage,
+                             len(part), time.perf_counter() - t0, rate, len(pending) - n, _eta((len(pending) - n) / rate))
+    finally:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+
+
+def _assemble(path: Path, by_id: dict, n_rows: int, id_column: str, how: str, fill_reason: str,
+              over_limit: set, summary: dict) -> dict:
+    rows = []
+    for i in range(n_rows):
+        rec = by_id.get(i)
+        if rec is None:
+            rows.append((i, "", "over_limit" if i in over_limit else fill_reason, 0, 0))
+        else:
+            rows.append((i, postprocess(rec["text"], how), rec["finish_reason"],
+                         int(rec["prompt_tokens"]), int(rec["completion_tokens"])))
+    df = pd.DataFrame(rows, columns=[id_column, *OUTPUT_COLUMNS])
+    df.to_parquet(path, index=False)
+    finish = Counter(df["finish_reason"])
+    answered = df[df[id_column].isin(by_id.keys())]
+    return {
+        "rows": n_rows,
+        **summary,
+        "empty_texts": int((df["text"] == "").sum()),
+        "finish_reasons": dict(sorted((str(k), int(v)) for k, v in finish.items())),
+        "truncated_by_max_tokens": int(finish.get("length", 0)),
+        "prompt_tokens": int(answered["prompt_tokens"].sum()),
+        "completion_tokens": int(answered["completion_tokens"].sum()),
+        "mean_completion_tokens": float(answered["completion_tokens"].mean()) if len(answered) else 0.0,
+    }
 
 
 def _never(out):  # the artifact exists: fetch reuses it
