@@ -115,3 +115,20 @@ def test_the_tested_weights_are_the_best_validation_epochs(tmp_path):
     assert metrics["best_epoch"] == 2 and metrics["val/recall@20"] == pytest.approx(0.5)
     assert metrics["test/recall@20"] == 2.0  # the weights trained in epoch 2, not the last (5)
     assert float(model.trained_in_epoch) == 2.0
+
+
+def test_defaults_are_the_official_codes(compose_cfg):
+    """model.init: PyTorch's Linear init (the official code's); early stopping: MMRec's stopping_step 20."""
+    from mllmrec.model import Tower
+
+    cfg = compose_cfg()
+    assert cfg.model.init == "default"
+    assert cfg.callbacks.early_stopping.stopping_step == 20
+    torch.manual_seed(0)
+    default = Tower(384, 256, 64)
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(384, 256)  # what nn.Linear does by itself: bias ~ U(+-1/sqrt(384))
+    torch.testing.assert_close(default.fc1.weight, reference.weight)
+    torch.testing.assert_close(default.fc1.bias, reference.bias)
+    xavier = Tower(384, 256, 64, init="xavier")
+    assert float(xavier.fc1.bias.abs().max()) == 0.0 and float(xavier.fc1.weight.abs().max()) <= (6 / 640) ** 0.5
