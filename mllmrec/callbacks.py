@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from pytorch_lightning.callbacks import EarlyStopping
 
+from mllmrec.errors import ConfigError
+
+KEY = "callbacks.early_stopping"
+
 
 class MMRecEarlyStopping(EarlyStopping):
     """``EarlyStopping`` whose ``stopping_step`` means MMRec's ``stopping_step``.
@@ -21,10 +25,10 @@ class MMRecEarlyStopping(EarlyStopping):
 
     def __init__(self, monitor: str = "val/recall@20", mode: str = "max", stopping_step: int = 20, **kwargs):
         if int(stopping_step) != stopping_step or stopping_step < 0:
-            raise ValueError(f"callbacks.early_stopping.stopping_step must be an integer >= 0, got {stopping_step!r}")
+            raise ConfigError(f"{KEY}.stopping_step", f"must be an integer >= 0, got {stopping_step!r}")
         if kwargs.pop("min_delta", 0.0):
-            raise ValueError("callbacks.early_stopping: min_delta must stay 0 (MMRec's strict improvement)")
+            raise ConfigError(f"{KEY}.min_delta", "must stay 0 (MMRec's strict improvement)")
         if "patience" in kwargs:
-            raise ValueError("callbacks.early_stopping: give stopping_step (MMRec's), not patience")
+            raise ConfigError(f"{KEY}.patience", "give stopping_step (MMRec's; patience = stopping_step + 1)")
         super().__init__(monitor=monitor, mode=mode, patience=int(stopping_step) + 1, min_delta=0.0, **kwargs)
         self.stopping_step = int(stopping_step)

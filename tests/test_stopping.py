@@ -132,3 +132,13 @@ def test_defaults_are_the_official_codes(compose_cfg):
     torch.testing.assert_close(default.fc1.bias, reference.bias)
     xavier = Tower(384, 256, 64, init="xavier")
     assert float(xavier.fc1.bias.abs().max()) == 0.0 and float(xavier.fc1.weight.abs().max()) <= (6 / 640) ** 0.5
+
+
+@pytest.mark.parametrize("kwargs,key", [({"stopping_step": -1}, "stopping_step"), ({"patience": 20}, "patience"),
+                                        ({"min_delta": 0.01}, "min_delta")])
+def test_early_stopping_refuses_settings_that_break_mmrecs_rule(kwargs, key):
+    from mllmrec.callbacks import MMRecEarlyStopping
+    from mllmrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"callbacks.early_stopping.{key}"):
+        MMRecEarlyStopping(**kwargs)
