@@ -18,9 +18,13 @@ from mllmrec.static_step import ReplayableAdam, StaticStep, resolve_mode
 
 
 class Tower(nn.Module):
-    """h = LeakyReLU(e W1 + b1) W2 + b2."""
+    """h = LeakyReLU(e W1 + b1) W2 + b2.
 
-    def __init__(self, d_in: int, d1: int, d: int, init: str = "xavier"):
+    ``init="default"`` keeps PyTorch's nn.Linear init, as the official code does (its published
+    numbers come from it); ``"xavier"`` (uniform weights, zero biases) is what the paper's text says.
+    """
+
+    def __init__(self, d_in: int, d1: int, d: int, init: str = "default"):
         super().__init__()
         self.fc1 = nn.Linear(d_in, d1)
         self.fc2 = nn.Linear(d1, d)
@@ -216,7 +220,7 @@ class MLLMRecModule(RankingModule):
         d1: int = 256,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        init: str = "xavier",
+        init: str = "default",
         user_init: str = "preference",
         ui_layers: int = 0,
         cuda_graphs: str | bool = False,

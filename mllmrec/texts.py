@@ -1,4 +1,4 @@
-"""Text construction: item descriptions D^m_i and behaviour lists (SPEC section 1, steps 2-3)."""
+"""Text construction: item descriptions D^m_i (SPEC section 1, step 2) and the leakage warning."""
 
 from __future__ import annotations
 
@@ -23,18 +23,3 @@ def item_texts(data: RecData, descriptions: Sequence[str] | None = None) -> list
             raise ValueError(f"{len(descriptions)} image descriptions for {data.n_items} items")
         columns.append([d or "" for d in descriptions])
     return [" ".join(part for part in parts if part) for parts in zip(*columns)]
-
-
-def user_histories(data: RecData, history: str = "train"):
-    """Per user, the items that may enter the prompt: TRAINING items by default."""
-    if history not in ("train", "all"):
-        raise ValueError(f"reason.history must be 'train' or 'all', got {history!r}")
-    if history == "all":
-        log.warning(LEAK_WARNING)
-    return data.history(history)
-
-
-def title_lists(data: RecData, history: str = "train", separator: str = "; ") -> list[str]:
-    """The ``llm=none`` preference text: the user's item titles in history order."""
-    titles = data.item_field("title")
-    return [separator.join(titles[i] for i in items if titles[i]) for items in user_histories(data, history)]

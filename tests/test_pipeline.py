@@ -14,8 +14,8 @@ from mllmrec.cache import ArtifactCache
 from mllmrec.data import TRAIN
 from mllmrec.datamodule import sample_negatives
 from mllmrec.errors import ConfigError
-from mllmrec.graph import cooccurrence_topk, knn_candidates, propagate, refine_item_graph, sym_normalize
-from mllmrec.texts import item_texts, title_lists, user_histories
+from mllmrec.texts import item_texts
+from test_graph import dense_cosine, dense_reference
 
 
 # ---------------------------------------------------------------- texts
@@ -38,36 +38,6 @@ def test_item_texts_append_image_descriptions(tiny_data):
     assert texts[3] == item_texts(tiny_data)[3]
     with pytest.raises(ValueError):
         item_texts(tiny_data, ["x"])
-
-
-def test_title_lists_use_training_items_only(tiny_data):
-    titles = tiny_data.item_field("title")
-    texts = title_lists(tiny_data)
-    train_hist = tiny_data.history("train")
-    assert len(texts) == tiny_data.n_users
-    checked = 0
-    for u, text in enumerate(texts):
-        assert text == "; ".join(titles[i] for i in train_hist[u])
-        train_titles = {titles[i] for i in train_hist[u]}
-        held = tiny_data.items[(tiny_data.users == u) & (tiny_data.split != TRAIN)]
-        assert len(held) == 2
-        for i in held:
-            if titles[i] not in train_titles:  # a unique held-out title must not leak into the text
-                assert titles[i] not in text, (u, titles[i])
-                checked += 1
-    assert checked == 2 * tiny_data.n_users  # titles are unique in the fixture, so every case is checked
-
-
-def test_history_all_includes_heldout_items_and_warns(tiny_data, caplog):
-    with caplog.at_level(logging.WARNING):
-        texts = title_lists(tiny_data, history="all")
-    assert any("leak" in r.getMessage() for r in caplog.records)
-    titles = tiny_data.item_field("title")
-    for u, items in enumerate(user_histories(tiny_data, "all")):
-        assert texts[u] == "; ".join(titles[i] for i in items)
-        assert len(items) == int((tiny_data.users == u).sum())
-    with pytest.raises(ValueError):
-        user_histories(tiny_data, "everything")
 
 
 # ---------------------------------------------------------------- negative sampling
@@ -139,25 +109,63 @@ def test_out_of_range_settings_are_refused_by_key(compose_cfg, override, key):
     assert f"config '{key}'" in str(ei.value) and "\n" not in str(ei.value)
 
 
-def test_reason_stage_writes_train_title_lists(compose_cfg, tiny_data, caplog):
+# Read by hand from tests/fixtures/tiny: user 0's rows are items 22, 0, 2, 4, 15, 5 (train),
+# 11 (valid), 3 (test); user 1's are 21, 24, 18, 6 (train), 11 (valid), 9 (test).
+TITLES = {0: "Glass Baby Bottle 8oz", 2: "Bamboo Toddler Spoons Set", 3: "Spill Proof Sippy Cup",
+          4: "Formula Dispenser Tower", 5: "Bottle Drying Rack Lawn", 6: "Overnight Diapers Size 3",
+          9: "Portable Changing Pad", 11: "Cloth Diaper Inserts Pack", 15: "Bath Thermometer Duck",
+          18: "Wooden Stacking Rings", 21: "Teething Ring Giraffe", 22: "Shape Sorter Cube",
+          24: "Video Baby Monitor"}
+HISTORY = {0: ([22, 0, 2, 4, 15, 5], [11, 3]), 1: ([21, 24, 18, 6], [11, 9])}
+
+
+def _expected_text(user: int, history: str) -> str:
+    train, heldout = HISTORY[user]
+    return "; ".join(TITLES[i] for i in train + (heldout if history == "all" else []))
+
+
+def _heldout_titles_from_the_file(tiny_dir) -> dict[int, set[str]]:
+    """Per user, the titles of its valid/test rows, read with the csv module (not the loader)."""
+    import csv
+    import html
+
+    with open(tiny_dir / "meta-tiny.csv", newline="") as f:
+        titles = {int(r["itemID"]): html.unescape(r["title"]) for r in csv.DictReader(f)}
+    out: dict[int, set[str]] = {}
+    with open(tiny_dir / "tiny.inter", newline="") as f:
+        for r in csv.DictReader(f, delimiter="\t"):
+            if r["x_label"] != "0":
+                out.setdefault(int(r["userID"]), set()).add(titles[int(r["itemID"])])
+    return out
+
+
+def test_reason_stage_writes_train_title_lists(compose_cfg, tiny_data, tiny_dir, caplog):
     from stages import reason
 
     cfg = compose_cfg()
     cache = ArtifactCache(cfg.paths.cache_dir, "tiny")
     art = reason.run(cfg, tiny_data, cache)
     assert art.reused is False
-    assert reason.load_texts(art) == title_lists(tiny_data)
-    assert art.manifest["counts"]["users"] == tiny_data.n_users
+    texts = reason.load_texts(art)
+    assert len(texts) == tiny_data.n_users == art.manifest["counts"]["users"]
+    assert texts[0] == _expected_text(0, "train") and texts[1] == _expected_text(1, "train")
+    heldout = _heldout_titles_from_the_file(tiny_dir)
+    assert len(heldout) == tiny_data.n_users
+    for u, titles in heldout.items():  # titles are unique in the fixture: no held-out title may appear
+        assert texts[u] and not any(t in texts[u] for t in titles), u
     assert reason.run(cfg, tiny_data, cache).reused is True
 
     with caplog.at_level(logging.WARNING):
         leaky = reason.run(compose_cfg("reason.history=all"), tiny_data, cache)
     assert leaky.key != art.key
-    assert reason.load_texts(leaky) == title_lists(tiny_data, history="all")
+    leaky_texts = reason.load_texts(leaky)
+    assert leaky_texts[0] == _expected_text(0, "all") and leaky_texts[1] == _expected_text(1, "all")
+    for u, titles in heldout.items():
+        assert all(t in leaky_texts[u] for t in titles), u
     assert any("leak" in r.getMessage() for r in caplog.records)
 
 
-def test_graph_stage_matches_library_and_reuses_pieces(compose_cfg, tiny_data):
+def test_graph_stage_matches_the_dense_reference_and_reuses_pieces(compose_cfg, tiny_data):
     from stages import graph
 
     rng = np.random.default_rng(5)
@@ -166,14 +174,15 @@ def test_graph_stage_matches_library_and_reuses_pieces(compose_cfg, tiny_data):
     cache = ArtifactCache(cfg.paths.cache_dir, "tiny")
     art = graph.run(cfg, tiny_data, cache, features, "fake-features-key")
 
-    idx, sim = knn_candidates(features, 6, progress=False)
-    adj = refine_item_graph(idx, sim, cooccurrence_topk(tiny_data.train_matrix, 5, progress=False), 0.2)
-    expected = propagate(sym_normalize(adj), features, 2)
-    np.testing.assert_allclose(graph.load_item_star(art), expected, rtol=1e-6, atol=1e-6)
+    # expectation: the dense float64 implementation of Eq. 6-12 in test_graph (not the library)
+    sim = dense_cosine(features)
+    assert np.diff(np.sort(sim, axis=1), axis=1).min() > 1e-6 and np.abs(sim - 0.2).min() > 1e-5  # no near ties
+    ref_adj, ref_star = dense_reference(features, tiny_data.train_matrix.toarray(), 6, 0.2, 5, 2)
+    np.testing.assert_allclose(graph.load_item_star(art), ref_star, rtol=1e-5, atol=1e-5)
     saved = sp.load_npz(art.file(graph.ADJACENCY))
-    assert (saved != adj).nnz == 0
+    np.testing.assert_allclose(saved.toarray(), ref_adj, rtol=1e-6, atol=1e-7)
     counts = art.manifest["counts"]
-    assert counts["items"] == tiny_data.n_items and counts["edges"] == adj.nnz
+    assert counts["items"] == tiny_data.n_items and counts["edges"] == np.count_nonzero(ref_adj)
 
     # another alpha: the kNN and co-occurrence pieces are reused, only the final graph is rebuilt
     root = cache.root / "tiny"

@@ -22,7 +22,7 @@ TEST_KEYS = ("test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20")
 def train_args(tiny_dir: Path, out: Path, run: str, *extra: str) -> list[str]:
     return [
         "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
-        "trainer.max_epochs=40", "callbacks.early_stopping.patience=100", "logger=none",
+        "trainer.max_epochs=40", "callbacks.early_stopping.stopping_step=100", "logger=none",
         "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out}/{run}", *extra,
     ]
 

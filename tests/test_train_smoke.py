@@ -57,8 +57,8 @@ def test_train_writes_metrics_json(runs):
     assert m["best_epoch"] in (0, 1)
     assert isinstance(m["fit_seconds"], (int, float)) and m["fit_seconds"] >= 0
     assert m["test/recall@20"] >= m["test/recall@10"]
-    # with 30 items and 1 test item per user, the top 20 of a trained model finds most of them
-    assert m["test/recall@20"] > 0.3
+    # (that training improves the ranking is checked in test_training_learns.py: on this fixture an
+    # untrained model already reaches test Recall@20 > .3, 20 of 30 items being ranked)
     assert (out / "run" / "checkpoints").is_dir()
 
 
