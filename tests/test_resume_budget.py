@@ -75,7 +75,7 @@ def test_other_config_changes_start_afresh_naming_the_keys(compose_cfg, tmp_path
 
 def _args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
-            "callbacks.early_stopping.patience=100", "logger=none", "callbacks.progress_bar.refresh_rate=0",
+            "callbacks.early_stopping.stopping_step=100", "logger=none", "callbacks.progress_bar.refresh_rate=0",
             f"hydra.run.dir={out}/run", *extra]
 
 
