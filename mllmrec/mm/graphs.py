@@ -95,15 +95,19 @@ def _topk_cols(feats_n: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def normalize_edges(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
+    """The values of D^-1/2 S D^-1/2 for S given by its edges (D: row sums; empty rows stay 0)."""
+    deg = torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add(0, rows, vals)
+    inv = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), torch.zeros_like(deg))
+    return inv[rows] * vals * inv[cols]
+
+
 def learned_knn_edges(feats: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LATTICE's learned graph: top-k cosine neighbours of ``feats`` with their similarities as
-    weights, normalised D^-1/2 S D^-1/2 (row sums); values keep the gradient w.r.t. ``feats``."""
+    """LATTICE's learned graph before normalisation: the top-k cosine neighbours of ``feats`` (the
+    item itself included) with their similarities as weights; the values keep the gradient."""
     n = feats.shape[0]
     k = min(k, n)
     feats_n = F.normalize(feats, dim=1)
     cols = _topk_cols(feats_n.detach(), k, chunk).reshape(-1)
     rows = torch.arange(n, device=feats.device).repeat_interleave(k)
-    sims = (F.embedding(rows, feats_n) * F.embedding(cols, feats_n)).sum(1)
-    deg = torch.zeros(n, dtype=sims.dtype, device=sims.device).index_add(0, rows, sims)
-    inv = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), torch.zeros_like(deg))
-    return rows, cols, inv[rows] * sims * inv[cols]
+    return rows, cols, (F.embedding(rows, feats_n) * F.embedding(cols, feats_n)).sum(1)
