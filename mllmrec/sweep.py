@@ -219,12 +219,16 @@ class SweepSummary(Callback):
             heatmap = plot_heatmap(df, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c (red box: best validation R@20)")
         if varying(df, "variant"):
             ablation_table(df, sweep_dir)
+        if varying(df, "graph.refine"):  # experiment=plug_in: the paper's Figure 3
+            from mllmrec.mm.plug_in import summarize_plug_in
+
+            heatmap = summarize_plug_in(df, sweep_dir, dataset) or heatmap
         if varying(df, "seed"):
             ok = df[df["status"] == "completed"]
             spread = {m: (ok[m].astype(float).mean(), ok[m].astype(float).std(ddof=1)) for m in METRIC_COLUMNS[:8]}
             log.info("over %d seeds (mean ± std): %s", len(ok),
                      " | ".join(f"{m} {mu:.4f} ± {sd:.4f}" for m, (mu, sd) in spread.items() if m.startswith("test/")))
-        skip = (*AXES, "variant", "seed", "job", "overrides", "status", "error", *METRIC_COLUMNS)
+        skip = (*AXES, "variant", "seed", "graph.refine", "model", "job", "overrides", "status", "error", *METRIC_COLUMNS)
         others = [c for c in df.columns if c not in skip and varying(df, c)]
         for key in others:
             if pd.to_numeric(df[key], errors="coerce").notna().all():
