@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 from mllmrec.data import RecData
 
 
-def planted_data(n_clusters=4, users_per=12, items_per=15, per_user=8, dim=16, seed=0):
+def planted_data(n_clusters=4, users_per=12, items_per=15, per_user=8, dim=16, seed=0, signal=1.0):
+    """``signal=0``: features carry no cluster information (the model must learn from the IDs)."""
     rng = np.random.default_rng(seed)
     users, items, split = [], [], []
     for c in range(n_clusters):
@@ -22,7 +23,7 @@ def planted_data(n_clusters=4, users_per=12, items_per=15, per_user=8, dim=16, s
     n_users, n_items = n_clusters * users_per, n_clusters * items_per
     data = RecData("planted", n_users, n_items, np.array(users), np.array(items), np.array(split, np.int8))
     centres = rng.standard_normal((n_clusters, dim))
-    feats = np.repeat(centres, items_per, axis=0) + 0.3 * rng.standard_normal((n_items, dim))
+    feats = signal * np.repeat(centres, items_per, axis=0) + 0.3 * rng.standard_normal((n_items, dim))
     return data, {"text": feats.astype(np.float32)}
 
 
