@@ -23,6 +23,7 @@ class Inputs:
     data: RecData
     user_features: np.ndarray | None = None
     item_features: np.ndarray | None = None  # E*, the propagated item features
+    modalities: dict[str, np.ndarray] | None = None  # raw item modality features (multimodal baselines)
     artifacts: dict[str, Artifact] = field(default_factory=dict)
 
 

@@ -314,7 +314,12 @@ class SweepSummary(Callback):
             plot = plot_heatmap(cells, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c")
         if varying(df, "variant"):
             ablation_table(cells, sweep_dir)
-        others = [c for c in setting_columns(cells) if c not in (*AXES, "variant") and varying(cells, c)]
+        if varying(df, "graph.refine"):  # experiment=plug_in: the paper's Figure 3
+            from mllmrec.mm.plug_in import summarize_plug_in
+
+            plot = summarize_plug_in(df, sweep_dir, dataset) or plot
+        skip = (*AXES, "variant", "graph.refine", "model")
+        others = [c for c in setting_columns(cells) if c not in skip and varying(cells, c)]
         for key in others:
             if pd.to_numeric(cells[key], errors="coerce").notna().all():
                 line = plot_line(cells, key, sweep_dir / "sweep.png", f"{dataset}: sensitivity to {key}")

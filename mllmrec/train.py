@@ -57,6 +57,10 @@ def run_dir() -> Path:
 
 def prepare_inputs(cfg: DictConfig) -> Inputs:
     """Data plus, for feature-based models, the stage artifacts (reason -> encode -> graph)."""
+    if cfg.model.get("needs_modalities", False):  # multimodal baselines: raw item modality features
+        from mllmrec.mm.features import modality_inputs
+
+        return modality_inputs(cfg)
     if cfg.model.get("needs_features", True):
         return build_inputs(cfg)
     mconfig.validate(cfg)
@@ -67,6 +71,7 @@ def build_model(cfg: DictConfig, inputs: Inputs) -> pl.LightningModule:
     """Instantiate ``cfg.model`` with whatever data-derived arguments its class takes."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg.pop("needs_features", None)
+    model_cfg.pop("needs_modalities", None)
     target = get_class(model_cfg["_target_"])
     data = inputs.data
     available = {
@@ -75,6 +80,8 @@ def build_model(cfg: DictConfig, inputs: Inputs) -> pl.LightningModule:
         "train_matrix": data.train_matrix,
         "user_features": None if inputs.user_features is None else torch.from_numpy(inputs.user_features),
         "item_features": None if inputs.item_features is None else torch.from_numpy(inputs.item_features),
+        "modalities": inputs.modalities,
+        "graph_cfg": OmegaConf.to_container(cfg.graph, resolve=True),
     }
     accepted = inspect.signature(target.__init__).parameters
     extra = {k: v for k, v in available.items() if k in accepted and k not in model_cfg}

@@ -1,0 +1,92 @@
+"""Item modality features as data.
+
+A dataset config may name MMRec-style feature files, one row per itemID::
+
+    dataset:
+      features: {image: image_feat.npy, text: text_feat.npy}   # relative to data_dir, or absolute
+
+Without a ``text`` file, the encode stage's item embeddings (sentence-transformers on the item
+texts) are the text modality, as on the embedded office dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from mllmrec.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("text", "image")
+
+
+def load_feature_file(path: Path, n_items: int) -> np.ndarray:
+    """A ``[n_items, d]`` float32 matrix from a ``.npy`` file, validated (one-line errors)."""
+    if not path.is_file():
+        raise DataError(path, "feature file not found (dataset.features names it)")
+    try:
+        feat = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a data error
+        raise DataError(path, f"not a readable .npy array ({type(exc).__name__})") from None
+    if feat.ndim != 2:
+        raise DataError(path, f"expected a 2-D array [items, dim], got shape {feat.shape}")
+    if feat.shape[0] != n_items:
+        raise DataError(path, f"has {feat.shape[0]} rows but the dataset has {n_items} items (row = itemID)")
+    if not np.issubdtype(feat.dtype, np.number):
+        raise DataError(path, f"non-numeric dtype {feat.dtype}")
+    bad = np.flatnonzero(~np.isfinite(feat).all(axis=1))
+    if bad.size:
+        raise DataError(path, f"non-finite value in row {int(bad[0])} (itemID {int(bad[0])})")
+    return np.ascontiguousarray(feat, dtype=np.float32)
+
+
+def feature_files(cfg: DictConfig) -> dict[str, Path]:
+    """The modality -> file mapping of ``dataset.features`` (paths resolved against data_dir)."""
+    named = cfg.dataset.get("features") or {}
+    unknown = sorted(set(named) - set(MODALITIES))
+    if unknown:
+        raise ConfigError("dataset.features", f"unknown modality {unknown[0]!r} (known: {', '.join(MODALITIES)})")
+    out = {}
+    for modality, name in named.items():
+        if name:
+            path = Path(str(name)).expanduser()
+            out[modality] = path if path.is_absolute() else Path(str(cfg.dataset.data_dir)).expanduser() / path
+    return out
+
+
+def load_modalities(cfg: DictConfig, n_items: int, text_fallback=None) -> dict[str, np.ndarray]:
+    """Every available modality; ``text_fallback()`` (the encode stage) when no text file is named."""
+    mods = {m: load_feature_file(p, n_items) for m, p in feature_files(cfg).items()}
+    if "text" not in mods and text_fallback is not None:
+        mods["text"] = np.asarray(text_fallback(), dtype=np.float32)
+        log.info("text modality: the encode stage's item embeddings (%s)", cfg.encoder.model)
+    return {m: mods[m] for m in MODALITIES if m in mods}  # fixed order: text, image
+
+
+def require_modalities(modalities: dict, model: str, needed: str = "any") -> None:
+    """One-line error when a model lacks the modality it needs (``needed``: 'any' or a name)."""
+    if needed == "any" and not modalities:
+        raise ConfigError("dataset.features", f"{model} needs at least one item modality (text or image); none found")
+    if needed != "any" and needed not in modalities:
+        raise ConfigError("dataset.features", f"{model} needs the {needed!r} modality; the dataset has "
+                          f"{', '.join(modalities) or 'none'}")
+
+
+def modality_inputs(cfg: DictConfig):
+    """Training inputs of a multimodal baseline: the data and its item modalities (the encode
+    stage runs, cached, only when no text feature file is named)."""
+    from mllmrec import config as mconfig
+    from mllmrec.pipeline import Inputs, build_inputs, load_data
+
+    if "text" in feature_files(cfg):
+        mconfig.validate(cfg)
+        inputs = Inputs(load_data(cfg))
+    else:
+        inputs = build_inputs(cfg, until="encode")
+    inputs.modalities = load_modalities(cfg, inputs.data.n_items, lambda: inputs.item_features)
+    inputs.item_features = inputs.user_features = None  # the models take the modalities only
+    return inputs

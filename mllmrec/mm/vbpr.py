@@ -1,0 +1,50 @@
+"""VBPR (He & McAuley, "VBPR: Visual Bayesian Personalized Ranking from Implicit Feedback",
+AAAI 2016), as in MMRec's ``src/models/vbpr.py``.
+
+Item representation: ``[ID embedding (d) ; W f_i + b (d)]`` with f_i the item's modality features
+(text and image concatenated when both exist); user embedding of size 2d; y_ui = u . i; BPR loss
+plus ``reg_weight`` x MMRec's EmbLoss over the batch rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from mllmrec.baselines import emb_reg, mmrec_bpr
+from mllmrec.mm.features import require_modalities
+from mllmrec.model import RankingModule, rows
+
+
+def concat_modalities(modalities: dict[str, np.ndarray]) -> torch.Tensor:
+    """Text then image features side by side (MMRec's order)."""
+    return torch.from_numpy(np.concatenate([modalities[m] for m in modalities], axis=1).astype(np.float32))
+
+
+class VBPRModule(RankingModule):
+    def __init__(self, n_users: int, n_items: int, modalities: dict, d: int = 64, lr: float = 1e-3,
+                 reg_weight: float = 1e-4, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        require_modalities(modalities, "VBPR")
+        self.save_hyperparameters("n_users", "n_items", "d", "lr", "reg_weight", "weight_decay")
+        self.register_buffer("item_feat", concat_modalities(modalities), persistent=False)
+        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, 2 * d)))
+        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
+        self.item_linear = nn.Linear(self.item_feat.shape[1], d)
+        nn.init.xavier_normal_(self.item_linear.weight)  # MMRec's xavier_normal_initialization
+        nn.init.zeros_(self.item_linear.bias)
+
+    def item_repr(self, items: torch.Tensor | None = None) -> torch.Tensor:
+        if items is None:
+            return torch.cat([self.item_emb, self.item_linear(self.item_feat)], 1)
+        return torch.cat([rows(self.item_emb, items), self.item_linear(self.item_feat.index_select(0, items))], 1)
+
+    def representations(self):
+        return self.user_emb, self.item_repr()
+
+    def batch_loss(self, users, pos, neg):
+        u = rows(self.user_emb, users)
+        p, n = self.item_repr(torch.cat([pos, neg])).split(users.shape[0])
+        loss = mmrec_bpr((u * p).sum(1), (u * n).sum(1))
+        return loss + self.hparams.reg_weight * emb_reg(u, p, n)
