@@ -1,10 +1,13 @@
-"""A planted-structure dataset for the multimodal baselines: users and items in C clusters, each
-user interacting with items of its own cluster only; item features = cluster centre + noise."""
+"""Shared cases for the multimodal-baseline tests: a hand-made 5x7 case, and a planted-structure
+dataset (users and items in C clusters, each user interacting with items of its own cluster only;
+item features = cluster centre + noise)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytorch_lightning as pl
+import scipy.sparse as sp
+import torch
 
 from mllmrec.data import RecData
 
@@ -40,3 +43,14 @@ def val_recall_before_after(model, data, epochs=15, batch_size=64) -> tuple[floa
     trainer(epochs).fit(model, datamodule=dm)
     after = trainer(1).validate(model, datamodule=dm, verbose=False)[0]["val/recall@10"]
     return before, after
+
+
+def hand_case(seed: int):
+    """A hand-made case: 5 users x 7 items, 6-d features (seeded), and one batch of (u, pos, neg)."""
+    rng = np.random.default_rng(seed)
+    train = np.zeros((5, 7), np.float32)
+    for u, items in enumerate([[0, 1, 2], [1, 3], [2, 4, 5], [0, 5, 6], [3, 6]]):
+        train[u, items] = 1
+    feats = rng.standard_normal((7, 6)).astype(np.float32)
+    batch = (torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 3, 4, 6, 3, 2]), torch.tensor([4, 0, 1, 2, 5, 6]))
+    return sp.csr_matrix(train), feats, batch

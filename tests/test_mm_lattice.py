@@ -8,20 +8,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from mm_planted import planted_data, val_recall_before_after
+from mm_planted import hand_case, planted_data, val_recall_before_after
 
 N_USERS, N_ITEMS, K = 5, 7, 3
 
 
 @pytest.fixture
 def hand():
-    rng = np.random.default_rng(7)
-    train = np.zeros((N_USERS, N_ITEMS), np.float32)
-    for u, items in enumerate([[0, 1, 2], [1, 3], [2, 4, 5], [0, 5, 6], [3, 6]]):
-        train[u, items] = 1
-    feats = rng.standard_normal((N_ITEMS, 6)).astype(np.float32)
-    batch = (torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 3, 4, 6, 3, 2]), torch.tensor([4, 0, 1, 2, 5, 6]))
-    return sp.csr_matrix(train), feats, batch
+    return hand_case(7)
 
 
 def lattice(hand, **kw):

@@ -47,22 +47,25 @@ def file_lock(path: str | Path, timeout: float | None = None, poll: float = 0.2,
         os.close(fd)
 
 
-def _acquire(fd: int, path: Path, timeout: float | None, poll: float, what: str | None) -> None:
+def _try_lock(fd: int) -> bool:
+    """Take the exclusive lock without waiting; False when another process holds it."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
+        return True
     except OSError as exc:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
+        return False
+
+
+def _acquire(fd: int, path: Path, timeout: float | None, poll: float, what: str | None) -> None:
+    if _try_lock(fd):
+        return
     log.info("%s: another process holds %s; waiting for it", what or path.name, path)
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _try_lock(fd):
             return
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
         if deadline is not None and time.monotonic() >= deadline:
             raise LockTimeout(f"{what or path}: lock {path} still held by another process after {timeout:g}s")
         time.sleep(poll)
