@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mllmrec.cells import METRIC_COLUMNS, RULE, SELECT, best_cell, fmt_value, mean_std, setting_columns, slice_at, summarize_cells
+from mllmrec.files import write_text_atomic
 
 log = logging.getLogger("mllmrec.sweep")
 
@@ -61,10 +62,7 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
     """A summary table, written atomically: a reader (or a crash) never leaves half a CSV."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, df.to_csv(index=False))
 
 
 def best_row(df: pd.DataFrame) -> pd.Series | None:

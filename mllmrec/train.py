@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from mllmrec import config as mconfig
 from mllmrec.cache import stable_hash
 from mllmrec.errors import ConfigError, MLLMRecError, one_line, report_errors
+from mllmrec.files import write_text_atomic
 from mllmrec.launch import trainer_placement
 from mllmrec.loggers import build_loggers, finish_loggers
 from mllmrec.llm.runner import ShardDone
@@ -37,9 +38,7 @@ warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # 
 
 def write_metrics(out_dir: Path, metrics: dict) -> None:
     """metrics.json, written atomically (a reader never sees half a file)."""
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out_dir / "metrics.json")
+    write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2))
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
@@ -119,9 +118,7 @@ def _budget(cfg: DictConfig) -> float:
 def write_fingerprint(out_dir: Path, cfg: DictConfig, fingerprint: str) -> None:
     """The fingerprint and the config it hashes (so that a later run can name what changed)."""
     record = {"fingerprint": fingerprint, "config": _resume_view(cfg)}
-    tmp = out_dir / f"{FINGERPRINT}.tmp"
-    tmp.write_text(json.dumps(record, default=str))
-    tmp.replace(out_dir / FINGERPRINT)
+    write_text_atomic(out_dir / FINGERPRINT, json.dumps(record, default=str))
 
 
 def read_fingerprint(out_dir: Path) -> dict | None:
