@@ -145,14 +145,18 @@ class RecData:
         mask = self.split == code
         return self.users[mask], self.items[mask]
 
-    @cached_property
-    def train_matrix(self) -> sp.csr_matrix:
-        """Binary users x items CSR matrix of the training interactions."""
-        u, i = self.pairs(TRAIN)
+    def split_matrix(self, split: str | int) -> sp.csr_matrix:
+        """Binary users x items CSR matrix of one split's interactions."""
+        u, i = self.pairs(split)
         m = sp.csr_matrix((np.ones(len(u), np.float32), (u, i)), shape=(self.n_users, self.n_items))
         m.sum_duplicates()
         m.data[:] = 1.0
         return m
+
+    @cached_property
+    def train_matrix(self) -> sp.csr_matrix:
+        """Binary users x items CSR matrix of the training interactions."""
+        return self.split_matrix(TRAIN)
 
     @cached_property
     def train_fingerprint(self) -> str:

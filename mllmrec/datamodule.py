@@ -10,7 +10,6 @@ import logging
 
 import numpy as np
 import pytorch_lightning as pl
-import scipy.sparse as sp
 import torch
 
 from mllmrec.data import TRAIN, VALID, TEST, RecData
@@ -104,15 +103,6 @@ class RecDataModule(pl.LightningDataModule):
     def n_items(self) -> int:
         return self.data.n_items
 
-    def _split_matrix(self, code: int) -> sp.csr_matrix:
-        d = self.data
-        mask = d.split == code
-        m = sp.csr_matrix(
-            (np.ones(int(mask.sum()), np.float32), (d.users[mask], d.items[mask])), shape=(d.n_users, d.n_items)
-        )
-        m.sum_duplicates()
-        return m
-
     def eval_users(self, code: int) -> np.ndarray:
         """Users evaluated on a split: with held-out items there and at least one training item."""
         heldout = np.bincount(self.data.users[self.data.split == code], minlength=self.data.n_users) > 0
@@ -137,7 +127,7 @@ class RecDataModule(pl.LightningDataModule):
         size = (256 if device.type == "cpu" else 8192) if size == "auto" else int(size)
         self.eval_batches = {}
         for name, code in (("valid", VALID), ("test", TEST)):
-            heldout = self._split_matrix(code)
+            heldout = d.split_matrix(code)
             users = self.eval_users(code)
             batches = []
             for start in range(0, len(users), size):
