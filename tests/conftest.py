@@ -20,6 +20,22 @@ REPO = Path(__file__).resolve().parent.parent
 TINY_DIR = Path(__file__).resolve().parent / "fixtures" / "tiny"
 
 
+def tiny_overrides(out: Path, *extra: str, data_dir: Path = TINY_DIR, cache: Path | None = None,
+                   run: Path | str | None = None, sweep: Path | None = None) -> list[str]:
+    """The Hydra overrides for a run on the tiny fixture that writes everything under ``out``.
+
+    ``extra`` are further overrides, verbatim (``"trainer.max_epochs=1"``, ``"graph.k_c=5,10"``);
+    ``data_dir`` a copy of the fixture (or a damaged one); ``cache`` sets ``paths.cache_dir``;
+    ``run`` the Hydra run dir; ``sweep`` the sweep dir, and makes it a multirun (``-m``).
+    """
+    args = ["dataset.name=tiny", f"dataset.data_dir={data_dir}", f"paths.output_dir={out}"]
+    args += [f"paths.cache_dir={cache}"] if cache is not None else []
+    args += extra
+    args += [f"hydra.run.dir={run}"] if run is not None else []
+    args += [f"hydra.sweep.dir={sweep}", "-m"] if sweep is not None else []
+    return args
+
+
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
     """Folder holding ``tiny.inter`` and ``meta-tiny.csv`` (read-only: copy it before changing anything)."""
@@ -55,11 +71,7 @@ def compose_cfg(tiny_dir, tmp_path):
     from mllmrec.config import CONF_DIR
 
     def _compose(*overrides: str, data_dir: Path | None = None):
-        base = [
-            "dataset.name=tiny",
-            f"dataset.data_dir={data_dir or tiny_dir}",
-            f"paths.output_dir={tmp_path / 'outputs'}",
-        ]
+        base = tiny_overrides(tmp_path / "outputs", data_dir=data_dir or tiny_dir)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return compose("train", overrides=base + list(overrides), return_hydra_config=False)
 

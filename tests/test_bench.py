@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from conftest import run_module
 
 
+@pytest.mark.slow
 def test_bench_runs_on_tiny_fixture(tiny_dir, tmp_path):
     root = tmp_path / "data"
     for name in ("baby", "sports"):

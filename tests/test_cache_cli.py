@@ -59,6 +59,7 @@ def cli(out: Path, *args: str):
     return run_module("mllmrec.cache", *args, f"paths.output_dir={out}", f"paths.cache_dir={out / 'cache'}", cwd=out)
 
 
+@pytest.mark.slow
 def test_ls_lists_artifacts_with_their_config(fixture_cache):
     out, root, arts, _ = fixture_cache
     proc = cli(out, "ls")
@@ -75,6 +76,7 @@ def test_ls_lists_artifacts_with_their_config(fixture_cache):
     assert arts["O"].key not in only.stdout and arts["G"].key not in only.stdout
 
 
+@pytest.mark.slow
 def test_du_sums_space_per_dataset_and_stage(fixture_cache):
     out, root, _, _ = fixture_cache
     proc = cli(out, "du")
@@ -88,6 +90,7 @@ def test_du_sums_space_per_dataset_and_stage(fixture_cache):
                           "other/encode", "total"}
 
 
+@pytest.mark.slow
 def test_verify_reports_damage_with_exit_status_1(fixture_cache):
     out, root, arts, _ = fixture_cache
     ok = cli(out, "verify")
@@ -105,6 +108,7 @@ def test_verify_reports_damage_with_exit_status_1(fixture_cache):
     assert cli(out, "verify").returncode == 0
 
 
+@pytest.mark.slow
 def test_gc_keeps_what_runs_use_and_what_is_recent(fixture_cache):
     out, root, arts, extra = fixture_cache
     dry = cli(out, "gc")
@@ -124,6 +128,7 @@ def test_gc_keeps_what_runs_use_and_what_is_recent(fixture_cache):
     assert "would remove" not in younger.stdout
 
 
+@pytest.mark.slow
 def test_unknown_command_and_missing_cache_are_one_line_errors(tmp_path):
     proc = run_module("mllmrec.cache", "command=shrink", f"paths.cache_dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: config 'command'")

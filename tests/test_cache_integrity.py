@@ -192,6 +192,7 @@ def _slow_builder(root: str, log_file: str, go) -> str:
     return f"{art.key} {art.reused}"
 
 
+@pytest.mark.slow
 def test_concurrent_processes_build_one_key_once(tmp_path):
     ctx = mp.get_context("spawn")  # fresh interpreters: nothing shared but the directory
     log_file = tmp_path / "builds.log"

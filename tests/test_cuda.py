@@ -15,7 +15,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -85,13 +85,12 @@ def test_negative_sampling_on_cuda_avoids_training_items():
     assert 0 <= int(neg.min()) and int(neg.max()) < n_items
 
 
-def _overrides(tiny_dir, out, *extra):
-    return [
-        "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
-        "encoder.model=random", "trainer=gpu", "logger=csv", *extra,
-    ]
+def _overrides(tiny_dir, out, *extra, sweep=None):
+    return tiny_overrides(out, "encoder.model=random", "trainer=gpu", "logger=csv", *extra,
+                          data_dir=tiny_dir, sweep=sweep)
 
 
+@pytest.mark.slow
 def test_train_cli_on_gpu(tiny_dir, tmp_path):
     proc = run_module("mllmrec.train", *_overrides(tiny_dir, tmp_path, "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}/run"),
                       cwd=tmp_path)
@@ -103,10 +102,11 @@ def test_train_cli_on_gpu(tiny_dir, tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
 
 
+@pytest.mark.slow
 def test_grid_multirun_on_gpu(tiny_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_module("mllmrec.train", *_overrides(tiny_dir, tmp_path, "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}",
-                                                   "graph.alpha=0.4,0.7", "graph.k_c=5,10", "-m"), cwd=tmp_path)
+    proc = run_module("mllmrec.train", *_overrides(tiny_dir, tmp_path, "trainer.max_epochs=2", "graph.alpha=0.4,0.7",
+                                                   "graph.k_c=5,10", sweep=sweep), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(sweep / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -197,13 +197,14 @@ def test_blockwise_evaluation_on_cuda_equals_the_dense_reference():
     assert all(r <= 16 and c == N_ITEMS for r, c in shapes)
 
 
+@pytest.mark.slow
 def test_joblib_jobs_take_their_gpu_by_job_number(tiny_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     n_gpus = torch.cuda.device_count()
-    proc = run_module("mllmrec.train", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={tmp_path}",
-                      "trainer.max_epochs=1", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                      "graph.alpha=0.6", "graph.k_c=5,10", "hydra/launcher=parallel", "hydra.launcher.n_jobs=2",
-                      f"launcher.gpus_per_node={n_gpus}", "-m", cwd=tmp_path, timeout=600)
+    proc = run_module("mllmrec.train", *tiny_overrides(
+        tmp_path, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "graph.alpha=0.6", "graph.k_c=5,10",
+        "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", f"launcher.gpus_per_node={n_gpus}",
+        data_dir=tiny_dir, sweep=tmp_path / "sweep"), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in sorted((tmp_path / "sweep").glob("[0-9]*")):
         num = int(job.name.split("_")[0])

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 from mllmrec.data import TEST, TRAIN, VALID, flatten_categories, load_dataset
 from mllmrec.errors import DataError
 
@@ -235,21 +235,15 @@ def test_meta_without_item_id_column(tiny_copy):
     assert_data_error(ei, meta, column="itemID")
 
 
+@pytest.mark.slow
 def test_cli_reports_data_error_in_one_line(tmp_path, tiny_dir):
     broken = tmp_path / "broken"
     lines = (tiny_dir / "tiny.inter").read_text().splitlines()
     lines[7] = "3\tseven\t0"  # file line 8
     write(broken / "tiny.inter", "\n".join(lines) + "\n")
     out = tmp_path / "out"
-    proc = run_module(
-        "mllmrec.train",
-        "dataset.name=tiny",
-        f"dataset.data_dir={broken}",
-        f"paths.output_dir={out}",
-        f"hydra.run.dir={out}/run",
-        "trainer.max_epochs=1",
-        cwd=tmp_path,
-    )
+    proc = run_module("mllmrec.train", *tiny_overrides(out, "trainer.max_epochs=1", data_dir=broken, run=out / "run"),
+                      cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     err_lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def inputs_for(tiny_dir, out, *overrides):
     from mllmrec.config import CONF_DIR
     from mllmrec.pipeline import build_inputs
 
-    base = ["dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}", "graph.alpha=0.8"]
+    base = tiny_overrides(out, "graph.alpha=0.8", data_dir=tiny_dir)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=base + list(overrides), return_hydra_config=False)
     return cfg, build_inputs(cfg)
@@ -74,9 +74,8 @@ def test_gcn_ui_changes_the_representations(tiny_dir, shared_out, full):
 def train_one_epoch(tiny_dir, out, model: str):
     """``python -m mllmrec.train model=<model>`` for one epoch on the tiny fixture; its run dir."""
     run = out / model
-    proc = run_module("mllmrec.train", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"model={model}",
-                      f"paths.output_dir={out}", "trainer.max_epochs=1", "logger=none", f"hydra.run.dir={run}",
-                      cwd=out)
+    proc = run_module("mllmrec.train", *tiny_overrides(out, f"model={model}", "trainer.max_epochs=1", "logger=none",
+                                                       data_dir=tiny_dir, run=run), cwd=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -86,18 +85,21 @@ def bpr_run(tiny_dir, shared_out):
     return train_one_epoch(tiny_dir, shared_out, "bpr")
 
 
+@pytest.mark.slow
 def test_bpr_one_epoch(bpr_run):
     m = json.loads((bpr_run / "metrics.json").read_text())
     assert m["epochs"] == 1 and 0 <= m["test/recall@20"] <= 1
     assert "encode" not in json.dumps(m["artifacts"])  # ID baselines skip the text stages
 
 
+@pytest.mark.slow
 def test_lightgcn_one_epoch(tiny_dir, shared_out):
     run = train_one_epoch(tiny_dir, shared_out, "lightgcn")
     m = json.loads((run / "metrics.json").read_text())
     assert m["epochs"] == 1 and 0 <= m["test/recall@20"] <= 1
 
 
+@pytest.mark.slow
 def test_recommend_excludes_train_items_and_returns_k(tiny_dir, tiny_data, bpr_run):
     proc = run_module("mllmrec.recommend", f"run_dir={bpr_run}", "topk=5", cwd=bpr_run)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -117,6 +119,7 @@ def test_recommend_excludes_train_items_and_returns_k(tiny_dir, tiny_data, bpr_r
     assert set(pd.read_parquet(bpr_run / "recommendations.parquet")["userID"]) == {7}
 
 
+@pytest.mark.slow
 def test_visualize_writes_a_tsne_png(bpr_run):
     proc = run_module("mllmrec.visualize", f"run_dir={bpr_run}", "n_users=30", cwd=bpr_run)
     assert proc.returncode == 0, proc.stderr[-3000:]

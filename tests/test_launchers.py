@@ -10,17 +10,16 @@ import logging
 import pandas as pd
 import pytest
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 
 pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 
 def grid_args(tiny_dir, out, launcher, *extra):
-    return ["dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
-            f"paths.cache_dir={out / 'cache'}", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-            f"hydra.sweep.dir={out / 'sweep'}", "graph.alpha=0.6", "graph.k_c=5,10",
-            f"hydra/launcher={launcher}", *extra, "-m"]
+    return tiny_overrides(out, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "graph.alpha=0.6",
+                          "graph.k_c=5,10", f"hydra/launcher={launcher}", *extra,
+                          data_dir=tiny_dir, cache=out / "cache", sweep=out / "sweep")
 
 
 def check_full_summary(out, proc):
@@ -43,6 +42,7 @@ def check_full_summary(out, proc):
     return df
 
 
+@pytest.mark.slow
 def test_joblib_two_concurrent_jobs_share_one_fresh_cache(tiny_dir, tmp_path):
     """Two jobs at once, both needing the same missing stage artifacts (encode, graph-knn)."""
     proc = run_module("mllmrec.train", *grid_args(tiny_dir, tmp_path, "parallel", "hydra.launcher.n_jobs=2",
@@ -63,6 +63,7 @@ def test_joblib_two_concurrent_jobs_share_one_fresh_cache(tiny_dir, tmp_path):
             assert (artifact / "manifest.json").is_file(), artifact
 
 
+@pytest.mark.slow
 def test_submitit_local_two_jobs_full_summary(tiny_dir, tmp_path):
     proc = run_module("mllmrec.train", *grid_args(tiny_dir, tmp_path, "local"), cwd=tmp_path, timeout=600)
     check_full_summary(tmp_path, proc)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 from llm_fakes import sent_prompts
 from mllmrec.cache import ArtifactCache
 from mllmrec.errors import ConfigError
@@ -101,11 +101,11 @@ def test_limit_and_shard_settings_are_checked_up_front(compose_cfg, tiny_data, f
     assert not fake_engine  # refused before any engine was loaded
 
 
+@pytest.mark.slow
 def test_shard_job_from_the_command_line_ends_normally(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(TESTS))
-    args = ["llm=vllm", "llm.engine_factory=llm_fakes:FakeLLM", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}",
-            f"paths.output_dir={tmp_path}/out", "llm.num_shards=2", "llm.shard=1", "logger=none",
-            f"hydra.run.dir={tmp_path}/run"]
+    args = tiny_overrides(tmp_path / "out", "llm=vllm", "llm.engine_factory=llm_fakes:FakeLLM", "llm.num_shards=2",
+                          "llm.shard=1", "logger=none", data_dir=tiny_dir, run=tmp_path / "run")
     proc = run_module("mllmrec.train", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "reason: shard 1 of 2 is done (20 requests, 20 generated now)" in proc.stdout + proc.stderr

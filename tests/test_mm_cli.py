@@ -7,10 +7,12 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 
 
+@pytest.mark.slow
 def test_vbpr_reads_the_feature_files_named_in_the_dataset_config(tiny_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(tiny_dir, data)
@@ -19,8 +21,7 @@ def test_vbpr_reads_the_feature_files_named_in_the_dataset_config(tiny_dir, tmp_
     np.save(data / "text_feat.npy", rng.standard_normal((n_items, 8)).astype(np.float32))
     np.save(data / "image_feat.npy", rng.standard_normal((n_items, 5)).astype(np.float32))
     run = tmp_path / "run"
-    base = ["dataset.name=tiny", f"dataset.data_dir={data}", f"paths.output_dir={tmp_path}", "logger=none",
-            "trainer.max_epochs=1", "model=vbpr"]
+    base = tiny_overrides(tmp_path, "logger=none", "trainer.max_epochs=1", "model=vbpr", data_dir=data)
     proc = run_module("mllmrec.train", *base, "+dataset.features={text: text_feat.npy, image: image_feat.npy}",
                       f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,11 +37,11 @@ def test_vbpr_reads_the_feature_files_named_in_the_dataset_config(tiny_dir, tmp_
     assert f"image_feat.npy: has {n_items - 1} rows but the dataset has {n_items} items" in bad.stderr
 
 
+@pytest.mark.slow
 def test_plug_in_experiment_writes_the_figure_3_chart(tiny_dir, tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_module("mllmrec.train", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", "experiment=plug_in",
-                      f"paths.output_dir={tmp_path}", "trainer.max_epochs=1", "logger=none",
-                      f"hydra.sweep.dir={sweep}", "-m", cwd=tmp_path)
+    proc = run_module("mllmrec.train", *tiny_overrides(tmp_path, "experiment=plug_in", "trainer.max_epochs=1",
+                                                       "logger=none", data_dir=tiny_dir, sweep=sweep), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(sweep / "plug_in.csv")
     assert list(table["model"]) == ["freedom", "lattice"]

@@ -342,6 +342,7 @@ def test_dataset_configs_find_prepared_folders(tmp_path, monkeypatch):
         assert cfg.dataset.name == "office" and Path(cfg.dataset.data_dir).name == "office"
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tmp_path):
     r, m = write_raw(tmp_path / "raw", True)
     args = ["dataset=baby", f"prepare.reviews={r}", f"prepare.meta={m}", f"paths.data_dir={tmp_path / 'data'}",
@@ -360,6 +361,7 @@ def test_cli_end_to_end(tmp_path):
     assert again.stderr.startswith("error: config 'prepare.overwrite'") and "Traceback" not in again.stderr
 
 
+@pytest.mark.slow
 def test_cli_missing_reviews_is_one_line_exit_2(tmp_path):
     missing = tmp_path / "reviews_Nope.json.gz"
     proc = run_module("stages.prepare", "dataset.name=nope", f"prepare.reviews={missing}",

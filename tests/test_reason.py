@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 from llm_fakes import StubServer, sent_prompts
 from mllmrec.cache import ArtifactCache
 from mllmrec.data import TRAIN
@@ -121,6 +121,7 @@ def _cli_env(monkeypatch, **extra):
         monkeypatch.setenv(k, v)
 
 
+@pytest.mark.slow
 def test_cli_without_vllm_exits_with_one_line(tiny_dir, tmp_path):
     try:
         import vllm  # noqa: F401
@@ -128,19 +129,20 @@ def test_cli_without_vllm_exits_with_one_line(tiny_dir, tmp_path):
         pytest.skip("vllm is installed here")
     except ImportError:
         pass
-    proc = run_module("stages.reason", "llm=vllm", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}",
-                      f"paths.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    proc = run_module("stages.reason", *tiny_overrides(tmp_path, "llm=vllm", data_dir=tiny_dir, run=tmp_path / "run"),
+                      cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "pip install 'mllmrec[vllm]'" in lines[0]
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_kill_9_then_resume(tiny_dir, tmp_path, monkeypatch):
     log = tmp_path / "answered.jsonl"
     _cli_env(monkeypatch, FAKE_LLM_LOG=str(log), FAKE_LLM_KILL_AFTER="2")
-    args = ["llm=vllm", "llm.engine_factory=llm_fakes:FakeLLM", "llm.chunk_size=7", "dataset.name=tiny",
-            f"dataset.data_dir={tiny_dir}", f"paths.output_dir={tmp_path}/out"]
+    args = tiny_overrides(tmp_path / "out", "llm=vllm", "llm.engine_factory=llm_fakes:FakeLLM", "llm.chunk_size=7",
+                          data_dir=tiny_dir)
     killed = run_module("stages.reason", *args, f"hydra.run.dir={tmp_path}/run1", cwd=tmp_path)
     assert killed.returncode == -9, killed.stderr[-3000:]
     first = [json.loads(x) for x in log.read_text().splitlines()]
@@ -159,12 +161,13 @@ def test_cli_kill_9_then_resume(tiny_dir, tmp_path, monkeypatch):
     assert df["userID"].tolist() == list(range(40)) and (df["text"] != "").all()
 
 
+@pytest.mark.slow
 def test_cli_openai_keeps_the_key_out_of_every_file(tiny_dir, tmp_path, monkeypatch):
     _cli_env(monkeypatch, OPENAI_API_KEY=SECRET)
     with StubServer(fail_first=1) as server:
-        proc = run_module("stages.reason", "llm=openai", f"llm.base_url={server.url}/v1", "llm.model=stub",
-                          "llm.backoff.initial=0.01", "dataset.name=tiny", f"dataset.data_dir={tiny_dir}",
-                          f"paths.output_dir={tmp_path}/out", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+        proc = run_module("stages.reason", *tiny_overrides(
+            tmp_path / "out", "llm=openai", f"llm.base_url={server.url}/v1", "llm.model=stub", "llm.backoff.initial=0.01",
+            data_dir=tiny_dir, run=tmp_path / "run"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(server.ok_requests()) == 40
     assert all(r["headers"].get("Authorization") == f"Bearer {SECRET}" for r in server.requests)

@@ -14,19 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_module
+from conftest import REPO, run_module, tiny_overrides
 
 TEST_KEYS = ("test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20")
 
 
 def train_args(tiny_dir: Path, out: Path, run: str, *extra: str) -> list[str]:
-    return [
-        "dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
-        "trainer.max_epochs=40", "callbacks.early_stopping.stopping_step=100", "logger=none",
-        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={out}/{run}", *extra,
-    ]
+    return tiny_overrides(out, "trainer.max_epochs=40", "callbacks.early_stopping.stopping_step=100", "logger=none",
+                          "callbacks.progress_bar.refresh_rate=0", *extra, data_dir=tiny_dir, run=out / run)
 
 
+@pytest.mark.slow
 def test_kill9_during_training_then_resume_gives_the_same_metrics(tiny_dir, tmp_path):
     full = run_module("mllmrec.train", *train_args(tiny_dir, tmp_path, "full"), cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
@@ -107,6 +105,7 @@ def test_two_builders_of_one_artifact_build_once_and_leave_one_complete_copy(tmp
     assert json.loads((results[0].path / "manifest.json").read_text())["counts"] == {"rows": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, key",
     # the full range table is checked in-process in test_pipeline.py; here, the CLI path
@@ -121,6 +120,7 @@ def test_out_of_range_settings_are_refused_before_any_work(tiny_dir, tmp_path, o
     assert not (tmp_path / "cache").exists()  # nothing was computed
 
 
+@pytest.mark.slow
 def test_wandb_key_never_written(tiny_dir, tmp_path, monkeypatch):
     secret = "wandb-fake-key-0123456789abcdef0123456789abcdef"
     env = dict(os.environ, WANDB_API_KEY=secret, WANDB_MODE="offline", PYTHONPATH=str(REPO))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_module
+import pytest
+
+from conftest import run_module, tiny_overrides
 
 from mllmrec.train import changed_keys, completed_result, config_fingerprint, resume_checkpoint, write_fingerprint
 
@@ -74,11 +76,11 @@ def test_other_config_changes_start_afresh_naming_the_keys(compose_cfg, tmp_path
 
 
 def _args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
-            "callbacks.early_stopping.stopping_step=100", "logger=none", "callbacks.progress_bar.refresh_rate=0",
-            f"hydra.run.dir={out}/run", *extra]
+    return tiny_overrides(out, "callbacks.early_stopping.stopping_step=100", "logger=none",
+                          "callbacks.progress_bar.refresh_rate=0", *extra, data_dir=tiny_dir, run=out / "run")
 
 
+@pytest.mark.slow
 def test_damaged_cache_is_rebuilt_and_a_raised_budget_resumes(tiny_dir, tmp_path):
     first = run_module("mllmrec.train", *_args(tiny_dir, tmp_path, "trainer.max_epochs=1"), cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -9,14 +9,13 @@ import os
 import pandas as pd
 import pytest
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 from wandb_reader import history_keys, summary_values
 
 
 def sweep_args(tiny_dir, out, *extra):
-    return ["dataset.name=tiny", f"dataset.data_dir={tiny_dir}", f"paths.output_dir={out}",
-            "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0",
-            f"hydra.sweep.dir={out / 'sweep'}", *extra, "-m"]
+    return tiny_overrides(out, "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0", *extra,
+                          data_dir=tiny_dir, sweep=out / "sweep")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +29,7 @@ def grid(tiny_dir, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_each_job_writes_metrics(grid):
     out, _ = grid
     jobs = sorted(p for p in (out / "sweep").iterdir() if (p / ".hydra").is_dir())
@@ -39,6 +39,7 @@ def test_each_job_writes_metrics(grid):
         assert m["status"] == "completed" and 0 <= m["val/recall@20"] <= 1
 
 
+@pytest.mark.slow
 def test_summary_csv_and_heatmap(grid):
     out, proc = grid
     df = pd.read_csv(out / "sweep" / "summary.csv")
@@ -56,6 +57,7 @@ def test_summary_csv_and_heatmap(grid):
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 200
 
 
+@pytest.mark.slow
 def test_summary_by_cell_groups_the_seeds(grid):
     out, proc = grid
     jobs = pd.read_csv(out / "sweep" / "summary.csv")
@@ -74,6 +76,7 @@ def test_summary_by_cell_groups_the_seeds(grid):
     assert "over 2 seeds" in line and "n=2" in line and " ± " in line
 
 
+@pytest.mark.slow
 def test_offline_wandb_runs_hold_validation_history(grid):
     out, _ = grid
     runs = sorted((out / "sweep").glob("*/wandb/offline-run-*/run-*.wandb"))
@@ -84,6 +87,7 @@ def test_offline_wandb_runs_hold_validation_history(grid):
     assert list((out / "sweep" / "wandb").glob("offline-run-*/run-*.wandb")), "no sweep-summary run"
 
 
+@pytest.mark.slow
 def test_sweep_summary_run_carries_the_best_cells_mean_std_n(grid):
     out, _ = grid
     (run,) = (out / "sweep" / "wandb").glob("offline-run-*/run-*.wandb")
@@ -96,6 +100,7 @@ def test_sweep_summary_run_carries_the_best_cells_mean_std_n(grid):
     assert summary["summary_by_cell/nrows"] == 4 and summary["summary/nrows"] == 8
 
 
+@pytest.mark.slow
 def test_encode_runs_once_for_the_whole_grid(grid):
     out, proc = grid
     logs = proc.stdout + proc.stderr
@@ -106,6 +111,7 @@ def test_encode_runs_once_for_the_whole_grid(grid):
     assert len([p for p in (out / "cache" / "tiny" / "graph").iterdir() if not p.name.startswith(".")]) == 4
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_marked_and_the_others_stand(tiny_dir, tmp_path):
     proc = run_module("mllmrec.train", *sweep_args(tiny_dir, tmp_path, "logger=none", "graph.alpha=0.7", "graph.k_c=5,0"),
                       cwd=tmp_path)

@@ -11,20 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_module
+from conftest import run_module, tiny_overrides
 
 TEST_KEYS = ("test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20")
 METRIC_KEYS = ("val/recall@20", *TEST_KEYS)
-
-
-def overrides(tiny_dir: Path, out: Path, run: str) -> list[str]:
-    return [
-        "dataset.name=tiny",
-        f"dataset.data_dir={tiny_dir}",
-        f"paths.output_dir={out}",
-        "trainer.max_epochs=2",
-        f"hydra.run.dir={out}/{run}",
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +25,8 @@ def runs(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     procs = {}
     for run, extra in (("run", []), ("run2", ["trainer.enable_progress_bar=false"])):
-        proc = run_module("mllmrec.train", *overrides(tiny_dir, out, run), *extra, cwd=out)
+        proc = run_module("mllmrec.train", *tiny_overrides(out, "trainer.max_epochs=2", data_dir=tiny_dir, run=out / run),
+                          *extra, cwd=out)
         assert proc.returncode == 0, f"{run} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         procs[run] = proc
     return out, procs
@@ -47,6 +38,7 @@ def load_metrics(out: Path, run: str) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_json(runs):
     out, _ = runs
     m = load_metrics(out, "run")
@@ -62,6 +54,7 @@ def test_train_writes_metrics_json(runs):
     assert (out / "run" / "checkpoints").is_dir()
 
 
+@pytest.mark.slow
 def test_second_run_reuses_the_cache_and_is_deterministic(runs):
     out, procs = runs
     first_log = procs["run"].stdout + procs["run"].stderr
@@ -75,12 +68,14 @@ def test_second_run_reuses_the_cache_and_is_deterministic(runs):
     assert m1["artifacts"] == m2["artifacts"]
 
 
+@pytest.mark.slow
 def test_progress_bar_can_be_switched_off(runs):
     _, procs = runs
     assert "Epoch 0:" in procs["run"].stdout  # Lightning's TQDM bar (it writes to stdout)
     assert "Epoch 0:" not in procs["run2"].stdout + procs["run2"].stderr
 
 
+@pytest.mark.slow
 def test_cache_layout(runs):
     out, _ = runs
     cache = out / "cache" / "tiny"
@@ -96,9 +91,11 @@ def test_cache_layout(runs):
         assert len(entries) == 1 and (entries[0] / "manifest.json").is_file(), stage
 
 
+@pytest.mark.slow
 def test_graph_stage_cli_prints_the_artifact(runs, tiny_dir):
     out, _ = runs
-    proc = run_module("stages.graph", *overrides(tiny_dir, out, "stage"), cwd=out)
+    proc = run_module("stages.graph", *tiny_overrides(out, "trainer.max_epochs=2", data_dir=tiny_dir, run=out / "stage"),
+                      cwd=out)
     assert proc.returncode == 0, proc.stderr[-5000:]
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("graph: ")]
     assert len(lines) == 1, proc.stdout

@@ -25,7 +25,7 @@ except Exception as exc:  # noqa: BLE001
     pytest.skip(f"vllm is not importable here ({type(exc).__name__}); make test-llm runs these",
                 allow_module_level=True)
 
-from conftest import REPO, TINY_DIR, run_module  # noqa: E402
+from conftest import REPO, TINY_DIR, run_module, tiny_overrides  # noqa: E402
 from mllmrec.cache import MANIFEST  # noqa: E402
 from mllmrec.errors import ConfigError, MLLMRecError  # noqa: E402
 from mllmrec.llm import backends, convert, engine as vllm_engine, runner, serve  # noqa: E402
@@ -43,9 +43,8 @@ def model_dir() -> Path:
 
 
 def overrides(model_dir: Path, cache: Path, *extra: str) -> list[str]:
-    return ["dataset.name=tiny", f"dataset.data_dir={TINY_DIR}", f"paths.output_dir={cache.parent}",
-            f"paths.cache_dir={cache}", "llm=tiny", f"llm.model={model_dir}", f"llm.limit={LIMIT}",
-            f"llm.sampling.max_tokens={MAX_TOKENS}", *extra]
+    return tiny_overrides(cache.parent, "llm=tiny", f"llm.model={model_dir}", f"llm.limit={LIMIT}",
+                          f"llm.sampling.max_tokens={MAX_TOKENS}", *extra, cache=cache)
 
 
 def compose(*over: str):
@@ -175,6 +174,7 @@ def test_reason_and_describe_through_the_real_engine(first, engine, model_dir, t
         assert all(titles[i] in text for i in seen if titles[i])
 
 
+@pytest.mark.slow
 def test_the_artifact_trains_one_epoch_without_loading_the_engine(first, model_dir, tmp_path):
     run = tmp_path / "run"
     proc = run_module("mllmrec.train", *overrides(model_dir, first["cache"]), "trainer.max_epochs=1",
@@ -261,11 +261,12 @@ def finished_requests(base: str) -> int:
 
 
 def openai_overrides(model_dir: Path, cache: Path, server, *extra: str) -> list[str]:
-    return ["dataset.name=tiny", f"dataset.data_dir={TINY_DIR}", f"paths.output_dir={cache.parent}",
-            f"paths.cache_dir={cache}", "llm=openai", f"llm.base_url={server['base']}/v1", f"llm.model={model_dir}",
-            f"llm.limit={LIMIT}", f"llm.sampling.max_tokens={MAX_TOKENS}", "llm.sampling.top_k=64", *extra]
+    return tiny_overrides(cache.parent, "llm=openai", f"llm.base_url={server['base']}/v1", f"llm.model={model_dir}",
+                          f"llm.limit={LIMIT}", f"llm.sampling.max_tokens={MAX_TOKENS}", "llm.sampling.top_k=64", *extra,
+                          cache=cache)
 
 
+@pytest.mark.slow
 def test_openai_backend_against_vllm_serve(server, model_dir, tmp_path):
     from mllmrec.pipeline import build_inputs
 
@@ -286,6 +287,7 @@ def test_openai_backend_against_vllm_serve(server, model_dir, tmp_path):
         assert users.prompt_tokens[r.id] == chat_tokens(model_dir, r.messages()), r.id
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_sends_only_the_missing_requests(server, model_dir, tmp_path):
     from mllmrec.pipeline import build_inputs
 
