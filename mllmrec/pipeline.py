@@ -1,4 +1,9 @@
-"""Wires the stages: data -> describe -> reason -> encode -> graph, reusing cached artifacts."""
+"""Wires the stages: data -> describe -> reason -> encode -> graph, reusing cached artifacts.
+
+:func:`build_inputs` (and :func:`modality_inputs`, its variant for the multimodal baselines) is
+the one place that reads across config groups: it builds the data and the artifact cache once
+and hands each stage (:mod:`mllmrec.stages`) its own config node and explicit inputs.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ from omegaconf import DictConfig
 from mllmrec import config as mconfig
 from mllmrec.cache import Artifact, ArtifactCache
 from mllmrec.data import RecData, load_dataset
+from mllmrec.mm.features import feature_files, load_modalities
+from mllmrec.stages import describe, encode, graph, reason
 from mllmrec.texts import item_texts
+from mllmrec.vectors import random_unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +43,6 @@ def load_data(cfg: DictConfig) -> RecData:
 
 def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     """Run (or reuse) every stage up to ``until`` and return what training needs."""
-    from stages import describe, encode, graph, reason
-
     mconfig.validate(cfg)
     data = load_data(cfg)
     cache = ArtifactCache.from_config(cfg)
@@ -45,7 +51,8 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
 
     descriptions = None  # D^s_i: image descriptions (none with llm=none)
     if cfg.llm.backend != "none":
-        described = describe.run(cfg, data, cache)
+        label = cfg.dataset.get("display_name") or cfg.dataset.name  # the dataset as Prompt1 names it
+        described = describe.run(cfg.get("describe"), cfg.llm, data, cache, str(label))
         if described is not None:
             out.artifacts["describe"] = described
             descriptions = describe.load_texts(described)
@@ -54,28 +61,44 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     texts = item_texts(data, descriptions)  # D^m_i: item text (+ image description)
     random_users = cfg.model.get("user_init", "preference") == "random"  # "w/o RS"
     if not random_users or stop < 2:  # w/o RS never uses the preferences: no LLM time spent on them
-        out.artifacts["reason"] = reason.run(cfg, data, cache, texts)
+        out.artifacts["reason"] = reason.run(cfg.reason, cfg.llm, data, cache, texts)
     if stop < 2:
         return out
+    seed = int(cfg.seed)
     encoder = encode.Encoder(cfg.encoder)
-    items_art = encode.run(cfg, cache, texts, "items", encoder)
+    items_art = encode.run(cfg.encoder, cache, texts, "items", seed=seed, encoder=encoder)
     out.artifacts["encode/items"] = items_art
     features = encode.load(items_art)
     if random_users:  # fixed random unit vectors as user inputs, seeded
-        rng = np.random.default_rng(int(cfg.seed))
-        users = rng.standard_normal((data.n_users, features.shape[1])).astype(np.float32)
-        out.user_features = users / np.linalg.norm(users, axis=1, keepdims=True)
+        out.user_features = random_unit_rows(data.n_users, features.shape[1], seed)
     else:
-        users_art = encode.run(cfg, cache, reason.load_texts(out.artifacts["reason"]), "users", encoder)
+        users_texts = reason.load_texts(out.artifacts["reason"])
+        users_art = encode.run(cfg.encoder, cache, users_texts, "users", seed=seed, encoder=encoder)
         out.artifacts["encode/users"] = users_art
         out.user_features = encode.load(users_art)
     if stop < 3:
         out.item_features = features
         return out
-    graph_art = graph.run(cfg, data, cache, features, items_art.key)
+    graph_art = graph.run(cfg.graph, data, cache, features, items_art.key)
     out.artifacts["graph"] = graph_art
     out.item_features = graph.load_item_star(graph_art)
     return out
+
+
+def modality_inputs(cfg: DictConfig) -> Inputs:
+    """Training inputs of a multimodal baseline: the data and its item modalities (the encode
+    stage runs, cached, only when ``dataset.features`` names no text file)."""
+    files = feature_files(cfg.dataset.get("features"), cfg.dataset.data_dir)
+    if "text" in files:
+        mconfig.validate(cfg)
+        inputs = Inputs(load_data(cfg))
+    else:
+        inputs = build_inputs(cfg, until="encode")
+    inputs.modalities = load_modalities(files, inputs.data.n_items, inputs.item_features)
+    if "text" not in files:
+        log.info("text modality: the encode stage's item embeddings (%s)", cfg.encoder.model)
+    inputs.item_features = inputs.user_features = None  # the models take the modalities only
+    return inputs
 
 
 def stage_cli(stage: str) -> None:

@@ -57,7 +57,7 @@ def run_dir() -> Path:
 def prepare_inputs(cfg: DictConfig) -> Inputs:
     """Data plus, for feature-based models, the stage artifacts (reason -> encode -> graph)."""
     if cfg.model.get("needs_modalities", False):  # multimodal baselines: raw item modality features
-        from mllmrec.mm.features import modality_inputs
+        from mllmrec.pipeline import modality_inputs
 
         return modality_inputs(cfg)
     if cfg.model.get("needs_features", True):

@@ -1,2 +1,3 @@
-"""Pipeline stages. Each module holds ``run(cfg, data, cache, ...) -> Artifact`` (inputs in, artifact
-out, cached through :class:`mllmrec.cache.ArtifactCache`) and a Hydra CLI: ``python -m stages.<name>``."""
+"""Command-line entry points, one per stage: ``python -m stages.<name> [overrides]``, a few lines
+each (describe, reason, encode and graph call :func:`mllmrec.pipeline.stage_cli`); the stage logic
+is in the library, :mod:`mllmrec.stages`."""

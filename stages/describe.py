@@ -1,69 +1,7 @@
-"""Describe stage (SPEC step 1): one image description per item, ``D^s_i = MLLM(Prompt1, image_i)``
--> ``descriptions.parquet`` (itemID, text, finish_reason, prompt_tokens, completion_tokens).
+"""``python -m stages.describe [overrides]``: run the describe stage (and what it needs); the logic is in
+:mod:`mllmrec.stages.describe`."""
 
-Backends (``llm`` config group): ``vllm`` and ``openai`` generate (resumably, in chunks, see
-:mod:`mllmrec.llm.runner`); ``replay`` reads ``llm.items_file``; ``none`` has no descriptions
-(the stage returns None). Images come from ``describe.image_dir`` or the metadata's ``imUrl``
-(downloaded once into ``<cache_dir>/<dataset>/images/``); items without a usable image get an
-empty description (``finish_reason=no_image``), counted in the manifest.
-"""
-
-from __future__ import annotations
-
-import logging
-
-
-from mllmrec.cache import Artifact, ArtifactCache
-from mllmrec.data import RecData, file_sha256
-from mllmrec.errors import ConfigError
-from mllmrec.llm import backends, images, prompts, replay, runner
-
-log = logging.getLogger(__name__)
-
-STAGE = "describe"
-OUTPUT = "descriptions.parquet"
-
-
-def run(cfg, data: RecData, cache: ArtifactCache) -> Artifact | None:
-    """The descriptions artifact, or None when there are none (``llm=none`` or ``describe.enabled=false``)."""
-    llm = cfg.llm
-    dcfg = cfg.get("describe") or {}
-    if llm.backend == "none" or not dcfg.get("enabled", True):
-        log.info("describe: skipped (llm=%s, describe.enabled=%s)", llm.backend, dcfg.get("enabled", True))
-        return None
-    if llm.backend == "replay":
-        if not llm.get("items_file"):
-            log.info("describe: llm=replay without llm.items_file: no image descriptions")
-            return None
-        return replay.artifact(cache, STAGE, data, llm, "item", OUTPUT, "itemID")
-    if llm.backend not in backends.GENERATIVE:
-        raise ConfigError("llm.backend", f"unknown backend {llm.backend!r} (none, replay, vllm, openai)")
-
-    template = prompts.check_template(dcfg.get("prompt"), prompts.DATASET_SLOT, "describe.prompt")
-    name = cfg.dataset.get("display_name") or cfg.dataset.name
-    text = prompts.render(template, prompts.DATASET_SLOT, str(name))
-    postprocess = dcfg.get("postprocess", "last_paragraph")
-    job = runner.llm_job(llm, postprocess, "describe.postprocess")
-
-    found = images.resolve(data, dcfg, cache.root / cache.dataset / "images")
-    requests = [
-        backends.Request(i, text, image=p, image_hash=file_sha256(p))
-        for i, p in enumerate(found.paths)
-        if p is not None
-    ]
-    counts = {"image_source": found.source, **found.counts}
-    return runner.generate(
-        cache, STAGE, id_column="itemID", n_rows=data.n_items, requests=requests, prompt=template,
-        assembly={"postprocess": postprocess}, output=OUTPUT, fill_reason="no_image", counts=counts,
-        desc=f"describe ({llm.backend})", **job,
-    )
-
-
-def load_texts(artifact: Artifact) -> list[str]:
-    return runner.read_texts(artifact, OUTPUT, "itemID")
-
+from mllmrec.pipeline import stage_cli
 
 if __name__ == "__main__":
-    from mllmrec.pipeline import stage_cli
-
-    stage_cli(STAGE)
+    stage_cli("describe")

@@ -179,14 +179,13 @@ def test_evaluation_never_ranks_a_training_item(tiny_data):
 
 # ---------------------------------------------------------------- "w/o GCN_II"
 def test_without_gcn_ii_item_star_is_the_input_features(compose_cfg, tiny_data):
-    from stages import graph
-
     from mllmrec.cache import ArtifactCache
+    from mllmrec.stages import graph
 
     cfg = compose_cfg("variant=wo_gcn_ii")
     assert cfg.graph.layers == 0
     features = np.random.default_rng(4).standard_normal((tiny_data.n_items, 8)).astype(np.float32)
-    art = graph.run(cfg, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"), features, "fake-features")
+    art = graph.run(cfg.graph, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"), features, "fake-features")
     star = graph.load_item_star(art)
     assert star.dtype == features.dtype
     np.testing.assert_array_equal(star, features)  # exactly, not approximately

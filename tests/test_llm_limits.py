@@ -21,10 +21,10 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _reason(compose_cfg, tiny_data, *over, cache=None):
-    from stages import reason
+    from mllmrec.stages import reason
 
     cfg = compose_cfg("llm=vllm", "llm.chunk_size=8", *over)
-    return reason.run(cfg, tiny_data, ArtifactCache(cache or cfg.paths.cache_dir, "tiny"))
+    return reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cache or cfg.paths.cache_dir, "tiny"))
 
 
 def _users(art) -> pd.DataFrame:
@@ -33,9 +33,10 @@ def _users(art) -> pd.DataFrame:
 
 def _all_prompts(compose_cfg, tiny_data) -> list[str]:
     from mllmrec.texts import item_texts
-    from stages import reason
+    from mllmrec.stages import reason
 
-    requests, _, _ = reason.build_requests(compose_cfg(), tiny_data, item_texts(tiny_data), "train")
+    cfg = compose_cfg()
+    requests, _, _ = reason.build_requests(cfg.reason, cfg.llm, tiny_data, item_texts(tiny_data), "train")
     return [r.text for r in requests]
 
 

@@ -140,11 +140,11 @@ def _heldout_titles_from_the_file(tiny_dir) -> dict[int, set[str]]:
 
 
 def test_reason_stage_writes_train_title_lists(compose_cfg, tiny_data, tiny_dir, caplog):
-    from stages import reason
+    from mllmrec.stages import reason
 
     cfg = compose_cfg()
     cache = ArtifactCache(cfg.paths.cache_dir, "tiny")
-    art = reason.run(cfg, tiny_data, cache)
+    art = reason.run(cfg.reason, cfg.llm, tiny_data, cache)
     assert art.reused is False
     texts = reason.load_texts(art)
     assert len(texts) == tiny_data.n_users == art.manifest["counts"]["users"]
@@ -153,10 +153,10 @@ def test_reason_stage_writes_train_title_lists(compose_cfg, tiny_data, tiny_dir,
     assert len(heldout) == tiny_data.n_users
     for u, titles in heldout.items():  # titles are unique in the fixture: no held-out title may appear
         assert texts[u] and not any(t in texts[u] for t in titles), u
-    assert reason.run(cfg, tiny_data, cache).reused is True
+    assert reason.run(cfg.reason, cfg.llm, tiny_data, cache).reused is True
 
     with caplog.at_level(logging.WARNING):
-        leaky = reason.run(compose_cfg("reason.history=all"), tiny_data, cache)
+        leaky = reason.run(compose_cfg("reason.history=all").reason, cfg.llm, tiny_data, cache)
     assert leaky.key != art.key
     leaky_texts = reason.load_texts(leaky)
     assert leaky_texts[0] == _expected_text(0, "all") and leaky_texts[1] == _expected_text(1, "all")
@@ -166,13 +166,13 @@ def test_reason_stage_writes_train_title_lists(compose_cfg, tiny_data, tiny_dir,
 
 
 def test_graph_stage_matches_the_dense_reference_and_reuses_pieces(compose_cfg, tiny_data):
-    from stages import graph
+    from mllmrec.stages import graph
 
     rng = np.random.default_rng(5)
     features = rng.standard_normal((tiny_data.n_items, 16)).astype(np.float32)
     cfg = compose_cfg("graph.alpha=0.2", "graph.k_c=5", "graph.k_s=6", "graph.layers=2")
     cache = ArtifactCache(cfg.paths.cache_dir, "tiny")
-    art = graph.run(cfg, tiny_data, cache, features, "fake-features-key")
+    art = graph.run(cfg.graph, tiny_data, cache, features, "fake-features-key")
 
     # expectation: the dense float64 implementation of Eq. 6-12 in test_graph (not the library)
     sim = dense_cosine(features)
@@ -187,7 +187,7 @@ def test_graph_stage_matches_the_dense_reference_and_reuses_pieces(compose_cfg, 
     # another alpha: the kNN and co-occurrence pieces are reused, only the final graph is rebuilt
     root = cache.root / "tiny"
     before = {stage: sorted(p.name for p in (root / stage).iterdir() if not p.name.startswith(".")) for stage in ("graph-knn", "graph-cooc")}
-    other = graph.run(compose_cfg("graph.alpha=0.5", "graph.k_c=5", "graph.k_s=6", "graph.layers=2"),
+    other = graph.run(compose_cfg("graph.alpha=0.5", "graph.k_c=5", "graph.k_s=6", "graph.layers=2").graph,
                       tiny_data, cache, features, "fake-features-key")
     assert other.key != art.key and other.reused is False
     after = {stage: sorted(p.name for p in (root / stage).iterdir() if not p.name.startswith(".")) for stage in ("graph-knn", "graph-cooc")}
@@ -195,6 +195,6 @@ def test_graph_stage_matches_the_dense_reference_and_reuses_pieces(compose_cfg, 
     assert other.manifest["counts"]["knn_edges_kept"] < counts["knn_edges_kept"]
 
     # "w/o TE": no co-occurrence graph at all
-    no_te = graph.run(compose_cfg("graph.enhance=false"), tiny_data, cache, features, "fake-features-key")
+    no_te = graph.run(compose_cfg("graph.enhance=false").graph, tiny_data, cache, features, "fake-features-key")
     assert no_te.manifest["counts"]["cooc_edges"] == 0
     assert no_te.manifest["inputs"]["cooc"] == "none"

@@ -24,11 +24,11 @@ SECRET = "sk-cli-secret-0123456789abcdef"
 
 
 def test_default_prompts_hold_no_validation_or_test_item(compose_cfg, tiny_data, fake_engine):
-    from stages import reason
+    from mllmrec.stages import reason
 
     cfg = compose_cfg("llm=vllm")
     assert cfg.reason.history == "train"
-    art = reason.run(cfg, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+    art = reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     titles = tiny_data.item_field("title")
     train_hist = tiny_data.history("train")
     sent = sent_prompts(fake_engine)
@@ -50,11 +50,11 @@ def test_default_prompts_hold_no_validation_or_test_item(compose_cfg, tiny_data,
 
 
 def test_history_all_includes_heldout_items_and_warns(compose_cfg, tiny_data, fake_engine, caplog):
-    from stages import reason
+    from mllmrec.stages import reason
 
     cfg = compose_cfg("llm=vllm", "reason.history=all")
     with caplog.at_level(logging.WARNING):
-        art = reason.run(cfg, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+        art = reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     assert LEAK_WARNING in caplog.messages
     titles = tiny_data.item_field("title")
     sent = sent_prompts(fake_engine)
@@ -62,12 +62,12 @@ def test_history_all_includes_heldout_items_and_warns(compose_cfg, tiny_data, fa
         held = tiny_data.items[(tiny_data.users == u) & (tiny_data.split != TRAIN)]
         assert len(held) == 2
         assert any(all(titles[i] in p for i in items) for p in sent), u  # held-out titles are in the prompt
-    leak_free = reason.run(compose_cfg("llm=vllm"), tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+    leak_free = reason.run(compose_cfg("llm=vllm").reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     assert leak_free.key != art.key
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # a cached leaky artifact still warns
-        again = reason.run(cfg, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+        again = reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     assert again.reused and LEAK_WARNING in caplog.messages
 
 
@@ -76,7 +76,7 @@ def test_image_descriptions_flow_into_prompt2_and_the_item_texts(compose_cfg, tm
 
     from mllmrec.pipeline import build_inputs
     from mllmrec.texts import item_texts
-    from stages import describe
+    from mllmrec.stages import describe
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -98,10 +98,10 @@ def test_image_descriptions_flow_into_prompt2_and_the_item_texts(compose_cfg, tm
 
 
 def test_long_lists_are_fitted_and_counted(compose_cfg, tiny_data, fake_engine):
-    from stages import reason
+    from mllmrec.stages import reason
 
     cfg = compose_cfg("llm=vllm", "reason.max_prompt_tokens=90", "reason.min_item_chars=40", "reason.tokenizer=chars")
-    art = reason.run(cfg, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+    art = reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     counts = art.manifest["counts"]
     assert counts["prompts_fitted"] > 0 and counts["items_dropped"] > 0 and counts["items_shortened"] > 0
     assert counts["token_counter"] == "chars/4"

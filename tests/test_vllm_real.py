@@ -137,13 +137,13 @@ def check_answers(users: pd.DataFrame, model_dir: Path, conversations: dict[int,
 
 def by_user(conversations) -> dict[int, list]:
     """The conversations sent, keyed by user: each prompt is matched to its request's text."""
-    from stages import reason
+    from mllmrec.stages import reason
     from mllmrec.data import load_dataset
     from mllmrec.texts import item_texts
 
     cfg = compose("dataset.name=tiny", f"dataset.data_dir={TINY_DIR}")
     data = load_dataset("tiny", TINY_DIR)
-    requests, _, _ = reason.build_requests(cfg, data, item_texts(data), "train")
+    requests, _, _ = reason.build_requests(cfg.reason, cfg.llm, data, item_texts(data), "train")
     ids = {r.text: r.id for r in requests}
     return {ids[conv[-1]["content"]]: conv for conv in conversations}
 
@@ -277,12 +277,12 @@ def test_openai_backend_against_vllm_serve(server, model_dir, tmp_path):
     assert finished_requests(server["base"]) - before == LIMIT
     check_answers(users, model_dir)
     # the server counts the same prompt tokens as the chat template (same as the offline engine)
-    from stages import reason
+    from mllmrec.stages import reason
     from mllmrec.data import load_dataset
     from mllmrec.texts import item_texts
 
     data = load_dataset("tiny", TINY_DIR)
-    requests, _, _ = reason.build_requests(cfg, data, item_texts(data), "train")
+    requests, _, _ = reason.build_requests(cfg.reason, cfg.llm, data, item_texts(data), "train")
     for r in requests[:LIMIT]:
         assert users.prompt_tokens[r.id] == chat_tokens(model_dir, r.messages()), r.id
 

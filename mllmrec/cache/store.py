@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +29,7 @@ from mllmrec.cache import integrity
 from mllmrec.cache.integrity import HASH, MANIFEST, ManifestError
 from mllmrec.cache.lock import file_lock
 from mllmrec.errors import ConfigError, MLLMRecError
+from mllmrec.files import publish_dir, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class ArtifactCache:
 
     def _build(self, stage, key, config, inputs, build, version) -> Artifact:
         final = self.path_for(stage, key)
-        tmp = final.parent / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = temp_sibling(final)
         start = time.perf_counter()
         try:
             tmp.mkdir(parents=True)
@@ -190,7 +190,7 @@ class ArtifactCache:
             }
             write_json(tmp / MANIFEST, manifest)
             try:
-                os.rename(tmp, final)
+                publish_dir(tmp, final, replace=False)
             except OSError:
                 concurrent = self.lookup(stage, key)  # a builder that did not see our lock (e.g. NFS nolock)
                 if concurrent is None:

@@ -1,5 +1,6 @@
 """LLM side of MLLMRec (SPEC section 1, steps 1-4): backends, prompts, item images, and the
-resumable chunked runner used by ``stages.describe`` and ``stages.reason``. See docs/llm.md.
+resumable chunked runner used by :mod:`mllmrec.stages.describe` and :mod:`mllmrec.stages.reason`.
+See docs/llm.md.
 
 To replace ``vllm.LLM`` (tests, custom engines) set ``mllmrec.llm.backends.ENGINE_FACTORY`` or
 ``llm.engine_factory=module:callable``."""

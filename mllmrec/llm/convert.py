@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import uuid
 from importlib import metadata
 from pathlib import Path
 
 from mllmrec.errors import MLLMRecError, report_errors
+from mllmrec.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -102,24 +101,12 @@ def convert(folder: Path | None = None, package: str = PACKAGE, force: bool = Fa
         log.info("%s: already converted", folder)
         return folder
     gguf = find_gguf(package)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_dir(folder) as tmp:  # an older folder is swapped out only once this one is complete
         log.info("converting %s -> %s", gguf, folder)
         _write(gguf, tmp)
         if not is_complete(tmp):
             missing = [n for n in REQUIRED if not (tmp / n).is_file()]
             raise MLLMRecError(f"conversion of {gguf} wrote no {', '.join(missing)}")
-        old = None
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -14,18 +14,17 @@ import base64
 import io
 import logging
 import mimetypes
-import os
 import random
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mllmrec.errors import ConfigError
+from mllmrec.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +140,8 @@ def download(url: str, dest_stem: Path, timeout: float = 30, retries: int = 3, b
             last = "the answer is not an image"
             break
         dest = dest_stem.with_suffix(_extension(url, ctype))
-        tmp = dest.parent / f".{dest.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_bytes(blob)
-        os.replace(tmp, dest)
+        with atomic_file(dest) as tmp:
+            tmp.write_bytes(blob)
         return dest
     raise OSError(last)
 

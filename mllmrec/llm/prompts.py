@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 from mllmrec.errors import ConfigError
@@ -127,56 +128,73 @@ def fit_behaviour_list(
     ``min_item_chars``), then drops the OLDEST items. Returns (prompt, items shortened, items dropped).
     """
     entries = [str(e) for e in entries]
-
-    def build(es):
-        return render(template, BEHAVIOUR_SLOT, format_list(es, style, separator))
-
-    def capped(es, c):
-        return [shorten(e, c) for e in es]
-
-    prompt = build(entries)
+    fit = _Fitting(template, limit, counter, style, separator)
+    prompt = fit.build(entries)
     if counter.fits(prompt, limit):
         return prompt, 0, 0
-    if not counter.fits(build([]), limit):
+    if not fit.fits([]):
         raise ConfigError(
             "reason.max_prompt_tokens",
-            f"{limit} tokens do not even hold the prompt template ({counter.count(build([]))} tokens)",
+            f"{limit} tokens do not even hold the prompt template ({counter.count(fit.build([]))} tokens)",
         )
+    floor = max(int(min_item_chars), len(ELLIPSIS) + 1)
+    if fit.fits(_capped(entries, floor)):
+        return fit.shortened(entries, floor, dropped=0)
+    # even at the floor it is too long: drop the oldest items (smallest number that fits)
+    dropped = fit.oldest_to_drop(entries, floor)
+    kept = entries[dropped:]
+    if kept and fit.fits(_capped(kept, floor)):
+        return fit.shortened(kept, floor, dropped)
+    return fit.newest_only(entries, floor)  # not even the newest item fits at the floor: cut it further
 
-    def largest_cap(es, lo):
-        """Largest per-item cap in [lo, longest] that fits (``lo`` must fit)."""
-        hi = max(len(e) for e in es)
+
+def _capped(entries: Sequence[str], cap: int) -> list[str]:
+    return [shorten(e, cap) for e in entries]
+
+
+@dataclass(frozen=True)
+class _Fitting:
+    """The steps of :func:`fit_behaviour_list`: Prompt2 of a list, and whether it fits ``limit``."""
+
+    template: str
+    limit: int
+    counter: TokenCounter
+    style: str
+    separator: str
+
+    def build(self, entries: Sequence[str]) -> str:
+        return render(self.template, BEHAVIOUR_SLOT, format_list(entries, self.style, self.separator))
+
+    def fits(self, entries: Sequence[str]) -> bool:
+        return self.counter.fits(self.build(entries), self.limit)
+
+    def shortened(self, entries: list[str], floor: int, dropped: int) -> tuple[str, int, int]:
+        """Every entry capped at the largest length in [floor, longest] that fits (``floor`` must fit)."""
+        lo, hi = floor, max(len(e) for e in entries)
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            if counter.fits(build(capped(es, mid)), limit):
+            if self.fits(_capped(entries, mid)):
                 lo = mid
             else:
                 hi = mid - 1
+        return self.build(_capped(entries, lo)), sum(len(e) > lo for e in entries), dropped
+
+    def oldest_to_drop(self, entries: list[str], floor: int) -> int:
+        """The fewest oldest entries to drop so that the rest, capped at ``floor``, fits (at least 1)."""
+        lo, hi = 1, len(entries)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.fits(_capped(entries[mid:], floor)):
+                hi = mid
+            else:
+                lo = mid + 1
         return lo
 
-    floor = max(int(min_item_chars), len(ELLIPSIS) + 1)
-    if counter.fits(build(capped(entries, floor)), limit):
-        cap = largest_cap(entries, floor)
-        return build(capped(entries, cap)), sum(len(e) > cap for e in entries), 0
-
-    # even at the floor it is too long: drop the oldest items (smallest number that fits)
-    lo, hi = 1, len(entries)  # hi: dropping everything but... handled below
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if counter.fits(build(capped(entries[mid:], floor)), limit):
-            hi = mid
-        else:
-            lo = mid + 1
-    dropped = lo
-    kept = entries[dropped:]
-    if kept and counter.fits(build(capped(kept, floor)), limit):
-        cap = largest_cap(kept, floor)
-        return build(capped(kept, cap)), sum(len(e) > cap for e in kept), dropped
-    # not even the newest item fits at the floor: cut it further
-    newest = entries[-1]
-    cap = floor
-    while cap > len(ELLIPSIS) + 1 and not counter.fits(build([shorten(newest, cap)]), limit):
-        cap //= 2
-    if counter.fits(build([shorten(newest, cap)]), limit):
-        return build([shorten(newest, cap)]), 1, len(entries) - 1
-    return build([]), 0, len(entries)
+    def newest_only(self, entries: list[str], floor: int) -> tuple[str, int, int]:
+        """The newest entry alone, halving its cap below ``floor`` until it fits; else an empty list."""
+        newest, cap = entries[-1], floor
+        while cap > len(ELLIPSIS) + 1 and not self.fits([shorten(newest, cap)]):
+            cap //= 2
+        if self.fits([shorten(newest, cap)]):
+            return self.build([shorten(newest, cap)]), 1, len(entries) - 1
+        return self.build([]), 0, len(entries)

@@ -31,6 +31,7 @@ import pandas as pd
 
 from mllmrec.cache import Artifact, ArtifactCache, stable_hash
 from mllmrec.errors import ConfigError
+from mllmrec.files import atomic_file
 from mllmrec.llm import backends, prompts
 from mllmrec.llm.backends import Request, Result
 
@@ -139,11 +140,8 @@ class WorkStore:
                          "completion_tokens": int(res.completion_tokens)})
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.folder / f".{name}.tmp"
-        pd.DataFrame(recs, columns=PART_COLUMNS).to_parquet(tmp, index=False)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / name)
+        with atomic_file(self.folder / name, fsync=True) as tmp:  # hidden until renamed: not a part-* yet
+            pd.DataFrame(recs, columns=PART_COLUMNS).to_parquet(tmp, index=False)
         return {(r["id"], r["input_hash"]): r for r in recs}
 
 
@@ -185,15 +183,47 @@ def generate(
     """Answer ``requests`` (ids in [0, n_rows)) resumably and publish ``output`` with one row per id.
 
     ``settings`` (backend, model, sampling; see ``llm_job``) and the ``prompt`` template: what the
-    answers depend on -> work folder key;
-    ``assembly``: how rows are turned into the artifact (post-processing). Rows without a request
-    get an empty text and ``finish_reason=fill_reason`` (``over_limit`` for rows left out by
-    ``llm.limit``). ``selection``: ``llm.limit`` and the shard; a shard job (``llm.shard`` set)
-    saves its answers and raises :class:`ShardDone` instead of publishing; a run without a shard
-    setting then finds them saved (the merge) and generates only what is still missing.
+    answers depend on -> work folder key; ``assembly``: how rows are turned into the artifact
+    (post-processing). Rows without a request get an empty text and ``finish_reason=fill_reason``
+    (``over_limit`` for rows left out by ``llm.limit``). ``selection``: ``llm.limit`` and the
+    shard; a shard job (``llm.shard`` set) saves its answers and raises :class:`ShardDone` instead
+    of publishing; a run without a shard setting then finds them saved (the merge) and generates
+    only what is still missing.
     """
     selection = selection or Selection()
     settings = {**settings, "prompt": prompt}
+    requests, over_limit = _limited(stage, requests, selection)
+    config = {**dict(settings), **dict(assembly)}
+    inputs = {"requests": stable_hash([[r.id, r.input_hash] for r in requests], 32), "rows": str(n_rows)}
+    if cache.lookup(stage, cache.key_for(stage, config, inputs)) is not None:  # published and sound
+        return cache.fetch(stage, config, inputs, _never)  # (a damaged one is rebuilt below)
+    store = WorkStore(cache.work_dir(stage, stable_hash(dict(settings))))
+    saved = store.load()
+    mine, pending, reused, seconds = _answer_missing(
+        stage, store, saved, requests, selection, settings, counter=counter, backend_factory=backend_factory,
+        chunk=chunk, desc=desc)
+    if selection.shard is not None and requests:  # a shard job generates only; the next unsharded run merges
+        missing = sum((r.id, r.input_hash) not in saved for r in requests)
+        raise _shard_done(stage, selection, mine, len(pending), missing)
+    by_id = {r.id: saved[(r.id, r.input_hash)] for r in requests}
+    summary = {"requests": len(requests), "generated_now": len(pending), "reused_saved_answers": reused,
+               "generation_seconds": round(seconds, 3),
+               "rows_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
+               "over_limit": len(over_limit), **dict(counts or {})}
+    how = assembly.get("postprocess", "strip")
+
+    def build(out: Path):
+        return _assemble(out / output, by_id, n_rows, id_column, how, fill_reason, over_limit, summary)
+
+    art = cache.fetch(stage, config, inputs, build)
+    truncated = art.manifest["counts"].get("truncated_by_max_tokens")
+    if truncated:
+        log.warning("%s: %d answers stopped at llm.sampling.max_tokens (finish_reason=length)", stage, truncated)
+    return art
+
+
+def _limited(stage: str, requests: Sequence[Request], selection: Selection) -> tuple[list[Request], set]:
+    """The requests ``llm.limit`` keeps, and the ids it leaves out (warned); duplicate ids are refused."""
     ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise RuntimeError(f"{stage}: duplicate request ids")
@@ -204,16 +234,14 @@ def generate(
                     stage, selection.limit, len(chosen), len(requests),
                     "first" if selection.limit_seed is None else f"sample, seed {selection.limit_seed}",
                     len(over_limit))
-    requests = chosen
-    how = assembly.get("postprocess", "strip")
-    config = {**dict(settings), **dict(assembly)}
-    inputs = {"requests": stable_hash([[r.id, r.input_hash] for r in requests], 32), "rows": str(n_rows)}
-    key = cache.key_for(stage, config, inputs)
-    if cache.lookup(stage, key) is not None:  # published and sound (a damaged one is rebuilt below)
-        return cache.fetch(stage, config, inputs, _never)
+    return chosen, over_limit
 
-    store = WorkStore(cache.work_dir(stage, stable_hash(dict(settings))))
-    saved = store.load()
+
+def _answer_missing(stage: str, store: WorkStore, saved: dict, requests: Sequence[Request], selection: Selection,
+                    settings: Mapping, *, counter, backend_factory, chunk: int, desc: str | None):
+    """Answer this job's requests (its shard) that have no saved answer, adding them to ``saved``.
+
+    Returns (requests of this job, the requests answered now, answers reused, seconds spent)."""
     mine = selection.shard_of(requests)
     pending = [r for r in mine if (r.id, r.input_hash) not in saved]
     reused = len(requests) - len([r for r in requests if (r.id, r.input_hash) not in saved])
@@ -224,28 +252,14 @@ def generate(
     if pending:
         announce(stage, pending, settings, counter, selection)
         _answer(stage, store, saved, pending, backend_factory, chunk, desc, done=len(mine) - len(pending))
-    seconds = time.perf_counter() - started
-    missing = sum((r.id, r.input_hash) not in saved for r in requests)
-    if selection.shard is not None and requests:  # a shard job generates only; the next unsharded run merges
-        raise ShardDone(f"{stage}: shard {selection.shard} of {selection.num_shards} is done ({len(mine)} requests, "
-                        f"{len(pending)} generated now); " + (
-                            f"{missing} requests of other shards are not answered yet" if missing else
-                            "every shard is answered") + ": run without llm.shard to merge them into the artifact")
-    by_id = {r.id: saved[(r.id, r.input_hash)] for r in requests}
-    summary = {"requests": len(requests), "generated_now": len(pending), "reused_saved_answers": reused,
-               "generation_seconds": round(seconds, 3),
-               "rows_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
-               "over_limit": len(over_limit), **dict(counts or {})}
+    return len(mine), pending, reused, time.perf_counter() - started
 
-    def build(out: Path):
-        return _assemble(out / output, by_id, n_rows, id_column, how, fill_reason, over_limit, summary)
 
-    art = cache.fetch(stage, config, inputs, build)
-    c = art.manifest["counts"]
-    if c.get("truncated_by_max_tokens"):
-        log.warning("%s: %d answers stopped at llm.sampling.max_tokens (finish_reason=length)",
-                    stage, c["truncated_by_max_tokens"])
-    return art
+def _shard_done(stage: str, selection: Selection, mine: int, generated: int, missing: int) -> ShardDone:
+    return ShardDone(f"{stage}: shard {selection.shard} of {selection.num_shards} is done ({mine} requests, "
+                     f"{generated} generated now); " + (
+                         f"{missing} requests of other shards are not answered yet" if missing else
+                         "every shard is answered") + ": run without llm.shard to merge them into the artifact")
 
 
 def announce(stage: str, pending: Sequence[Request], settings: Mapping, counter, selection: Selection) -> None:

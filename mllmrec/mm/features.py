@@ -6,20 +6,17 @@ A dataset config may name MMRec-style feature files, one row per itemID::
       features: {image: image_feat.npy, text: text_feat.npy}   # relative to data_dir, or absolute
 
 Without a ``text`` file, the encode stage's item embeddings (sentence-transformers on the item
-texts) are the text modality, as on the embedded office dataset.
+texts) are the text modality, as on the embedded office dataset
+(:func:`mllmrec.pipeline.modality_inputs` wires this).
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
 
 from mllmrec.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 MODALITIES = ("text", "image")
 
@@ -44,9 +41,10 @@ def load_feature_file(path: Path, n_items: int) -> np.ndarray:
     return np.ascontiguousarray(feat, dtype=np.float32)
 
 
-def feature_files(cfg: DictConfig) -> dict[str, Path]:
-    """The modality -> file mapping of ``dataset.features`` (paths resolved against data_dir)."""
-    named = cfg.dataset.get("features") or {}
+def feature_files(named, data_dir) -> dict[str, Path]:
+    """The modality -> file mapping of ``dataset.features`` (``named``; paths resolved against
+    ``data_dir``, the dataset's ``data_dir``)."""
+    named = named or {}
     unknown = sorted(set(named) - set(MODALITIES))
     if unknown:
         raise ConfigError("dataset.features", f"unknown modality {unknown[0]!r} (known: {', '.join(MODALITIES)})")
@@ -54,16 +52,16 @@ def feature_files(cfg: DictConfig) -> dict[str, Path]:
     for modality, name in named.items():
         if name:
             path = Path(str(name)).expanduser()
-            out[modality] = path if path.is_absolute() else Path(str(cfg.dataset.data_dir)).expanduser() / path
+            out[modality] = path if path.is_absolute() else Path(str(data_dir)).expanduser() / path
     return out
 
 
-def load_modalities(cfg: DictConfig, n_items: int, text_fallback=None) -> dict[str, np.ndarray]:
-    """Every available modality; ``text_fallback()`` (the encode stage) when no text file is named."""
-    mods = {m: load_feature_file(p, n_items) for m, p in feature_files(cfg).items()}
+def load_modalities(files: dict[str, Path], n_items: int, text_fallback=None) -> dict[str, np.ndarray]:
+    """Every available modality: the ``files`` (see :func:`feature_files`), and ``text_fallback``
+    (the encode stage's item embeddings) as the text modality when no text file is named."""
+    mods = {m: load_feature_file(p, n_items) for m, p in files.items()}
     if "text" not in mods and text_fallback is not None:
-        mods["text"] = np.asarray(text_fallback(), dtype=np.float32)
-        log.info("text modality: the encode stage's item embeddings (%s)", cfg.encoder.model)
+        mods["text"] = np.asarray(text_fallback, dtype=np.float32)
     return {m: mods[m] for m in MODALITIES if m in mods}  # fixed order: text, image
 
 
@@ -74,19 +72,3 @@ def require_modalities(modalities: dict, model: str, needed: str = "any") -> Non
     if needed != "any" and needed not in modalities:
         raise ConfigError("dataset.features", f"{model} needs the {needed!r} modality; the dataset has "
                           f"{', '.join(modalities) or 'none'}")
-
-
-def modality_inputs(cfg: DictConfig):
-    """Training inputs of a multimodal baseline: the data and its item modalities (the encode
-    stage runs, cached, only when no text feature file is named)."""
-    from mllmrec import config as mconfig
-    from mllmrec.pipeline import Inputs, build_inputs, load_data
-
-    if "text" in feature_files(cfg):
-        mconfig.validate(cfg)
-        inputs = Inputs(load_data(cfg))
-    else:
-        inputs = build_inputs(cfg, until="encode")
-    inputs.modalities = load_modalities(cfg, inputs.data.n_items, lambda: inputs.item_features)
-    inputs.item_features = inputs.user_features = None  # the models take the modalities only
-    return inputs
