@@ -4,19 +4,13 @@ Every model here scores y_ui = h_u . h_i. :class:`RankingModule` holds what they
 training, the optimizer, full-ranking validation/test with prebuilt batches, and the best-epoch
 record.
 
-How a model is built from config (``conf/model/*.yaml``, :func:`mllmrec.train.build_model`):
-
-* every module takes the same data argument first, ``inputs`` (a :class:`mllmrec.pipeline.Inputs`:
-  the dataset plus the features the pipeline prepared), then ``optimizer``, then its own
-  hyperparameters as keywords, the keys of its yaml;
-* the class says which inputs it needs in its ``needs`` attribute: ``"ids"`` (the interactions
-  only), ``"features"`` (the user/item features of the reason -> encode -> graph stages) or
-  ``"modalities"`` (the item modality features); the pipeline prepares just those;
-* ``optimizer`` is a factory called with the parameters: the yaml's
-  ``optimizer: {_target_: torch.optim.Adam, _partial_: true, lr: ..., weight_decay: ..., fused: ...}``
-  (a ``functools.partial``); :func:`adam` builds the same in code;
-* settings a model takes from another config group come by interpolation in its yaml
-  (e.g. FREEDOM's ``refine: ${graph.refine}``).
+Built from config (``conf/model/*.yaml``, :func:`mllmrec.train.build_model`), every module takes
+``(inputs, optimizer, **its yaml's keys)``: ``inputs`` is a :class:`mllmrec.pipeline.Inputs`
+(dataset + prepared features), of which the class's ``needs`` names what the pipeline must
+prepare (``"ids"``: interactions only, ``"features"``: reason -> encode -> graph user/item
+features, ``"modalities"``: item modality features); ``optimizer`` is a factory called with the
+parameters, the yaml's ``{_target_: torch.optim.Adam, _partial_: true, lr: ...}`` (:func:`adam`
+in code). Settings from other groups come by interpolation (FREEDOM's ``refine: ${graph.refine}``).
 """
 
 from __future__ import annotations
