@@ -4,11 +4,15 @@ plus ``reg_weight`` x the L2 norm of the batch embeddings divided by the batch s
 
 from __future__ import annotations
 
-import scipy.sparse as sp
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from mllmrec.model import RankingModule, bipartite_norm_adj, lightgcn_layers, rows
+from mllmrec.model import OptimizerFactory, RankingModule, bipartite_norm_adj, lightgcn_layers, rows
+
+if TYPE_CHECKING:
+    from mllmrec.pipeline import Inputs
 
 
 def emb_reg(*embeddings: torch.Tensor) -> torch.Tensor:
@@ -23,12 +27,12 @@ def mmrec_bpr(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 class BPRModule(RankingModule):
     """Matrix factorisation trained with BPR (Rendle et al. 2009); Xavier-normal init."""
 
-    def __init__(self, n_users: int, n_items: int, d: int = 64, lr: float = 1e-3, reg_weight: float = 1e-4,
-                 weight_decay: float = 0.0, **_: object):
-        super().__init__(lr, weight_decay)
-        self.save_hyperparameters("n_users", "n_items", "d", "lr", "reg_weight", "weight_decay")
-        self.user_emb = nn.Embedding(n_users, d)
-        self.item_emb = nn.Embedding(n_items, d)
+    def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64,
+                 reg_weight: float = 1e-4):
+        super().__init__(optimizer)
+        self.save_hyperparameters(ignore=["inputs", "optimizer"])
+        self.user_emb = nn.Embedding(inputs.data.n_users, d)
+        self.item_emb = nn.Embedding(inputs.data.n_items, d)
         nn.init.xavier_normal_(self.user_emb.weight)
         nn.init.xavier_normal_(self.item_emb.weight)
 
@@ -45,14 +49,15 @@ class LightGCNModule(RankingModule):
     """LightGCN (He et al. 2020): ID embeddings propagated over the normalised user-item graph,
     mean over layers 0..L; Xavier-uniform init; regularisation on the layer-0 embeddings."""
 
-    def __init__(self, n_users: int, n_items: int, train_matrix: sp.spmatrix, d: int = 64, layers: int = 2,
-                 lr: float = 1e-3, reg_weight: float = 1e-4, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
-        self.save_hyperparameters("n_users", "n_items", "d", "layers", "lr", "reg_weight", "weight_decay")
-        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
-        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
-        self.adj = bipartite_norm_adj(train_matrix)
-        self.n_users = n_users
+    def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64, layers: int = 2,
+                 reg_weight: float = 1e-4):
+        super().__init__(optimizer)
+        self.save_hyperparameters(ignore=["inputs", "optimizer"])
+        data = inputs.data
+        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(data.n_users, d)))
+        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(data.n_items, d)))
+        self.adj = bipartite_norm_adj(data.train_matrix)
+        self.n_users = data.n_users
 
     def representations(self):
         ego = torch.cat([self.user_emb, self.item_emb], 0)

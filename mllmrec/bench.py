@@ -148,12 +148,13 @@ def _sports_setup(data_root, dataset, device, eval_batch_size="auto", cuda_graph
 
     from mllmrec.datamodule import RecDataModule
     from mllmrec.model import MLLMRecModule
+    from mllmrec.pipeline import Inputs
 
     data = load(data_root, dataset)
     users = torch.from_numpy(random_unit(data.n_users, seed=1))
     items = torch.from_numpy(random_unit(data.n_items, seed=2))
     torch.manual_seed(0)
-    model = MLLMRecModule(users, items, cuda_graphs=cuda_graphs)
+    model = MLLMRecModule(Inputs(data, users, items), cuda_graphs=cuda_graphs)
     dm = RecDataModule(batch_size=2048, eval_batch_size=eval_batch_size, seed=0).attach(data)
     return data, model, dm
 

@@ -53,7 +53,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("model.d", "model.d1", "data.batch_size"):
         _check(cfg, key, lambda v: int(v) == v and v >= 1, "must be an integer >= 1")
     _check(cfg, "data.eval_batch_size", lambda v: v == "auto" or (int(v) == v and v >= 1), "must be 'auto' or an integer >= 1")
-    _check(cfg, "model.lr", lambda v: float(v) > 0, "must be > 0")
+    _check(cfg, "model.optimizer.lr", lambda v: float(v) > 0, "must be > 0")
     _check(cfg, "reason.history", lambda v: v in ("train", "all"), "must be 'train' or 'all'")
     _check(cfg, "model.user_init", lambda v: v in ("preference", "random"), "must be 'preference' or 'random'")
     # issue 13: the static-shape (CUDA graphs) step and the per-job GPU of a multirun

@@ -1,10 +1,22 @@
 """LightningModules: MLLMRec (SPEC steps 13-15) and the shared ranking/evaluation machinery.
 
 Every model here scores y_ui = h_u . h_i. :class:`RankingModule` holds what they share: BPR
-training, Adam, full-ranking validation/test with prebuilt batches, and the best-epoch record.
+training, the optimizer, full-ranking validation/test with prebuilt batches, and the best-epoch
+record.
+
+Built from config (``conf/model/*.yaml``, :func:`mllmrec.train.build_model`), every module takes
+``(inputs, optimizer, **its yaml's keys)``: ``inputs`` is a :class:`mllmrec.pipeline.Inputs`
+(dataset + prepared features), of which the class's ``needs`` names what the pipeline must
+prepare (``"ids"``: interactions only, ``"features"``: reason -> encode -> graph user/item
+features, ``"modalities"``: item modality features); ``optimizer`` is a factory called with the
+parameters, the yaml's ``{_target_: torch.optim.Adam, _partial_: true, lr: ...}`` (:func:`adam`
+in code). Settings from other groups come by interpolation (FREEDOM's ``refine: ${graph.refine}``).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -14,7 +26,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmrec.metrics import METRICS, evaluate_batch
-from mllmrec.static_step import ReplayableAdam, StaticStep, resolve_mode
+from mllmrec.static_step import StaticStep, replayable_adam, resolve_mode
+
+if TYPE_CHECKING:
+    from mllmrec.pipeline import Inputs
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+def adam(lr: float = 1e-3, weight_decay: float = 0.0, fused: bool = True) -> OptimizerFactory:
+    """Adam as ``conf/model/*.yaml`` configures it, as a factory of the parameters."""
+    return functools.partial(torch.optim.Adam, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 class Tower(nn.Module):
@@ -116,10 +138,16 @@ def lightgcn_layers(adj: "SymmetricGraph", emb: torch.Tensor, layers: int, reduc
 
 
 class RankingModule(pl.LightningModule):
-    """Shared BPR training loop pieces and full-ranking evaluation."""
+    """Shared BPR training loop pieces and full-ranking evaluation.
 
-    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.0):
+    ``optimizer``: a factory of the parameters (see the module doc); None: :func:`adam`'s default.
+    """
+
+    needs: ClassVar[str] = "ids"  # the inputs the pipeline prepares: "ids" | "features" | "modalities"
+
+    def __init__(self, optimizer: OptimizerFactory | None = None):
         super().__init__()
+        self.optimizer_factory = optimizer or adam()
         self.best = {"epoch": -1, "val/recall@20": -1.0}
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
@@ -148,9 +176,7 @@ class RankingModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True
-        )
+        return self.optimizer_factory(self.parameters())
 
     # ---- evaluation: one representation pass per epoch, batched scoring ----------------
     def _eval_start(self):
@@ -209,33 +235,34 @@ class MLLMRecModule(RankingModule):
     batch's rows as drawn, which avoids a sort and a host sync per step).
     ``ui_layers > 0`` ("w/ GCN_UI") adds a LightGCN over the normalised user-item training graph
     on top of the normalised tower outputs (sum of layers); that needs a full forward per step.
+    Inputs: ``inputs.user_features`` and ``inputs.item_features`` (arrays or tensors), and
+    ``inputs.data.train_matrix`` when ``ui_layers > 0``.
     """
+
+    needs: ClassVar[str] = "features"
 
     def __init__(
         self,
-        user_features: torch.Tensor,
-        item_features: torch.Tensor,
-        train_matrix: sp.spmatrix | None = None,
+        inputs: Inputs,
+        optimizer: OptimizerFactory | None = None,
         d: int = 64,
         d1: int = 256,
-        lr: float = 1e-3,
-        weight_decay: float = 0.0,
         init: str = "default",
         user_init: str = "preference",
         ui_layers: int = 0,
         cuda_graphs: str | bool = False,
     ):
-        super().__init__(lr, weight_decay)
-        self.save_hyperparameters(ignore=["user_features", "item_features", "train_matrix"])
-        self.register_buffer("user_feat", torch.as_tensor(user_features, dtype=torch.float32), persistent=False)
-        self.register_buffer("item_feat", torch.as_tensor(item_features, dtype=torch.float32), persistent=False)
+        super().__init__(optimizer)
+        self.save_hyperparameters(ignore=["inputs", "optimizer"])
+        self.register_buffer("user_feat", torch.as_tensor(inputs.user_features, dtype=torch.float32), persistent=False)
+        self.register_buffer("item_feat", torch.as_tensor(inputs.item_features, dtype=torch.float32), persistent=False)
         self.user_tower = Tower(self.user_feat.shape[1], d1, d, init)
         self.item_tower = Tower(self.item_feat.shape[1], d1, d, init)
         self.ui_layers = int(ui_layers)
         if self.ui_layers > 0:
-            if train_matrix is None:
+            if inputs.data is None:
                 raise ValueError("model.ui_layers > 0 needs the training interaction matrix")
-            self.ui_adj = bipartite_norm_adj(train_matrix)
+            self.ui_adj = bipartite_norm_adj(inputs.data.train_matrix)
         self._static: StaticStep | None = None  # model.cuda_graphs: the static-shape (captured) step
         self._steps_of: int | None = None  # its batch size when the datamodule hands over whole epochs
 
@@ -285,8 +312,7 @@ class MLLMRecModule(RankingModule):
     def configure_optimizers(self):
         if self._static is None:
             return super().configure_optimizers()
-        return ReplayableAdam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay,
-                              fused=True, capturable=self._static.capture)
+        return replayable_adam(self.optimizer_factory, self.parameters(), capturable=self._static.capture)
 
     def training_step(self, batch, batch_idx):
         if self._static is None:

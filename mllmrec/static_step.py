@@ -18,7 +18,8 @@ one Lightning batch (``RecDataModule.epoch_as_one_batch``) and the model runs it
 in a loop, so Lightning's per-batch loop and hooks run once per epoch. Every step goes through
 ``LightningOptimizer.step(closure)``, so the global step, checkpoints, resume, early stopping and
 loggers behave as with automatic optimisation. :class:`ReplayableAdam` is Adam whose ``step``
-only runs the closure while a captured graph (which contains the update) is replayed.
+only runs the closure while a captured graph (which contains the update) is replayed; it takes
+its settings from the configured ``model.optimizer`` (:func:`replayable_adam`).
 
 Without CUDA (``cuda_graphs=true`` on a CPU) the same static-shape step runs eagerly: the tests
 use that to check it against the normal step.
@@ -98,6 +99,16 @@ class ReplayableAdam(torch.optim.Adam):
     def update(self):
         """Adam's own update (what the graph captures)."""
         return torch.optim.Adam.step(self)
+
+
+def replayable_adam(factory, params, capturable: bool) -> ReplayableAdam:
+    """:class:`ReplayableAdam` with the keywords of the configured optimizer, ``model.optimizer``
+    (a ``functools.partial`` of ``torch.optim.Adam``), and ``capturable`` set for the graph."""
+    func = getattr(factory, "func", None)
+    if not (isinstance(func, type) and issubclass(func, torch.optim.Adam)) or factory.args:
+        raise ConfigError("model.optimizer", "model.cuda_graphs needs torch.optim.Adam with `_partial_: true` "
+                          f"and keyword settings only, got {factory!r}")
+    return ReplayableAdam(params, **{**factory.keywords, "capturable": capturable})
 
 
 class StaticStep:

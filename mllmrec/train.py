@@ -7,7 +7,6 @@ Returns ``val/recall@20`` to Hydra so that sweepers can optimise it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import time
@@ -29,7 +28,7 @@ from mllmrec.files import write_text_atomic
 from mllmrec.launch import trainer_placement
 from mllmrec.loggers import build_loggers, finish_loggers
 from mllmrec.llm.runner import ShardDone
-from mllmrec.pipeline import Inputs, build_inputs, load_data
+from mllmrec.pipeline import Inputs, build_inputs, load_data, modality_inputs
 
 log = logging.getLogger("mllmrec.train")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning vs torch 2.13
@@ -55,36 +54,23 @@ def run_dir() -> Path:
 
 
 def prepare_inputs(cfg: DictConfig) -> Inputs:
-    """Data plus, for feature-based models, the stage artifacts (reason -> encode -> graph)."""
-    if cfg.model.get("needs_modalities", False):  # multimodal baselines: raw item modality features
-        from mllmrec.pipeline import modality_inputs
-
-        return modality_inputs(cfg)
-    if cfg.model.get("needs_features", True):
+    """Data plus the inputs the model class declares it needs (``needs``, see :mod:`mllmrec.model`):
+    ``"features"``: the stage artifacts (reason -> encode -> graph); ``"modalities"``: the item
+    modality features; ``"ids"``: the interactions only."""
+    needs = get_class(cfg.model._target_).needs
+    if needs == "features":
         return build_inputs(cfg)
+    if needs == "modalities":
+        return modality_inputs(cfg)
     mconfig.validate(cfg)
     return Inputs(load_data(cfg))
 
 
 def build_model(cfg: DictConfig, inputs: Inputs) -> pl.LightningModule:
-    """Instantiate ``cfg.model`` with whatever data-derived arguments its class takes."""
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("needs_features", None)
-    model_cfg.pop("needs_modalities", None)
-    target = get_class(model_cfg["_target_"])
-    data = inputs.data
-    available = {
-        "n_users": data.n_users,
-        "n_items": data.n_items,
-        "train_matrix": data.train_matrix,
-        "user_features": None if inputs.user_features is None else torch.from_numpy(inputs.user_features),
-        "item_features": None if inputs.item_features is None else torch.from_numpy(inputs.item_features),
-        "modalities": inputs.modalities,
-        "graph_cfg": OmegaConf.to_container(cfg.graph, resolve=True),
-    }
-    accepted = inspect.signature(target.__init__).parameters
-    extra = {k: v for k, v in available.items() if k in accepted and k not in model_cfg}
-    return instantiate(model_cfg, **extra)
+    """``cfg.model`` instantiated (its ``optimizer`` node as a factory) and called with ``inputs``."""
+    if "optimizer" not in cfg.model:
+        raise ConfigError("model.optimizer", "missing (a config written before model.lr moved to model.optimizer.lr)")
+    return instantiate(cfg.model, _partial_=True)(inputs)
 
 
 FINGERPRINT = ".config_fingerprint"

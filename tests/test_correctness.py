@@ -15,6 +15,7 @@ from mllmrec.baselines import BPRModule, LightGCNModule, emb_reg, mmrec_bpr
 from mllmrec.datamodule import RecDataModule, TripletEpochs
 from mllmrec.metrics import METRICS
 from mllmrec.model import MLLMRecModule, RankingModule, SymmetricGraph, bipartite_norm_adj, bpr_loss, lightgcn_layers
+from model_inputs import inputs_of
 
 
 def _rand(*shape, seed=0):
@@ -51,7 +52,7 @@ def test_mmrec_bpr_and_emb_loss_by_hand():
 
 
 def test_bpr_baseline_loss_by_hand():
-    model = BPRModule(n_users=5, n_items=6, d=3, reg_weight=0.25).double()
+    model = BPRModule(inputs_of(shape=(5, 6)), d=3, reg_weight=0.25).double()
     users, pos, neg = torch.tensor([0, 3, 3, 4]), torch.tensor([1, 2, 5, 0]), torch.tensor([4, 4, 0, 2])
     uw, iw = model.user_emb.weight.detach(), model.item_emb.weight.detach()
     u, p, n = uw[users], iw[pos], iw[neg]
@@ -62,7 +63,7 @@ def test_bpr_baseline_loss_by_hand():
 
 def test_lightgcn_baseline_loss_by_hand():
     train = np.array([[1, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 1]], dtype=np.float32)
-    model = LightGCNModule(n_users=3, n_items=4, train_matrix=sp.csr_matrix(train), d=2, layers=2,
+    model = LightGCNModule(inputs_of(sp.csr_matrix(train)), d=2, layers=2,
                            reg_weight=0.5).double()
     # dense D^-1/2 A D^-1/2 of the bipartite graph (MMRec adds 1e-7 to the degrees), mean of layers 0..2
     adj = np.block([[np.zeros((3, 3)), train], [train.T, np.zeros((4, 4))]])
@@ -82,7 +83,8 @@ def test_lightgcn_baseline_loss_by_hand():
 def test_deduplicated_batch_loss_equals_a_full_forward():
     """The CPU path runs the towers on the batch's distinct users/items only: same loss, same grads."""
     torch.manual_seed(0)
-    model = MLLMRecModule(_rand(9, 12, seed=8).float(), _rand(11, 12, seed=9).float(), d=4, d1=8)
+    model = MLLMRecModule(inputs_of(shape=(9, 11), user_features=_rand(9, 12, seed=8).float(),
+                                    item_features=_rand(11, 12, seed=9).float()), d=4, d1=8)
     users = torch.tensor([0, 3, 3, 8, 0, 5, 3])  # repeated users
     pos = torch.tensor([1, 1, 4, 10, 7, 4, 2])  # repeated items, and an item both positive and negative
     neg = torch.tensor([4, 6, 1, 0, 9, 9, 2])

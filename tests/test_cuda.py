@@ -118,6 +118,8 @@ def test_grid_multirun_on_gpu(tiny_dir, tmp_path):
 
 def test_gpu_batch_loss_matches_the_deduplicated_cpu_one():
     """On CUDA the towers run on the batch's rows as drawn, on CPU on the distinct rows: same loss/grads."""
+    from model_inputs import inputs_of
+
     from mllmrec.model import MLLMRecModule
 
     gen = torch.Generator().manual_seed(9)
@@ -125,8 +127,9 @@ def test_gpu_batch_loss_matches_the_deduplicated_cpu_one():
     users = torch.randint(30, (64,), generator=gen)
     pos, neg = torch.randint(25, (64,), generator=gen), torch.randint(25, (64,), generator=gen)
     torch.manual_seed(0)
-    cpu = MLLMRecModule(users_f, items_f, d=8, d1=32)
-    gpu = MLLMRecModule(users_f, items_f, d=8, d1=32)
+    inputs = inputs_of(shape=(30, 25), user_features=users_f, item_features=items_f)
+    cpu = MLLMRecModule(inputs, d=8, d1=32)
+    gpu = MLLMRecModule(inputs, d=8, d1=32)
     gpu.load_state_dict(cpu.state_dict())
     gpu = gpu.cuda()
     loss_cpu = cpu.batch_loss(users, pos, neg)

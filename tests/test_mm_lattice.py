@@ -9,6 +9,10 @@ import scipy.sparse as sp
 import torch
 
 from mm_planted import hand_case, planted_data, val_recall_before_after
+from model_inputs import inputs_of
+
+from mllmrec.model import adam
+from mllmrec.pipeline import Inputs
 
 N_USERS, N_ITEMS, K = 5, 7, 3
 
@@ -22,7 +26,7 @@ def lattice(hand, **kw):
     from mllmrec.mm.lattice import LATTICEModule
 
     torch.manual_seed(0)
-    return LATTICEModule(N_USERS, N_ITEMS, hand[0], {"text": hand[1]}, d=4, feat_embed_dim=4, knn_k=K, **kw)
+    return LATTICEModule(inputs_of(hand[0], modalities={"text": hand[1]}), d=4, feat_embed_dim=4, knn_k=K, **kw)
 
 
 def dense_weighted_knn_laplacian(x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +86,7 @@ def test_refine_replaces_the_original_graph_only(hand):
 
     train, feats, _ = hand
     cfg = {"refine": True, "alpha": 0.3, "k_c": 2, "denoise": True, "enhance": True}
-    vanilla, refined = lattice(hand), lattice(hand, graph_cfg=cfg)
+    vanilla, refined = lattice(hand), lattice(hand, **cfg)
     idx, sim = knn_candidates(feats, K, progress=False)
     expected = sym_normalize(refine_item_graph(idx, sim, cooccurrence_topk(train, 2, progress=False), 0.3))
     np.testing.assert_allclose(refined.original["text"].to_scipy().toarray(), expected.toarray(), rtol=1e-6)
@@ -97,6 +101,6 @@ def test_learns_planted_structure():
 
     data, mods = planted_data()
     torch.manual_seed(0)
-    model = LATTICEModule(data.n_users, data.n_items, data.train_matrix, mods, d=16, feat_embed_dim=16, lr=0.01, knn_k=5)
+    model = LATTICEModule(Inputs(data, modalities=mods), adam(lr=0.01), d=16, feat_embed_dim=16, knn_k=5)
     before, after = val_recall_before_after(model, data)
     assert after > before + 0.2, (before, after)

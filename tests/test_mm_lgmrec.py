@@ -8,6 +8,10 @@ import scipy.sparse as sp
 import torch
 
 from mm_planted import planted_data, val_recall_before_after
+from model_inputs import inputs_of
+
+from mllmrec.model import adam
+from mllmrec.pipeline import Inputs
 
 N_USERS, N_ITEMS = 5, 7
 
@@ -23,7 +27,7 @@ def case():
     from mllmrec.mm.lgmrec import LGMRecModule
 
     torch.manual_seed(0)
-    model = LGMRecModule(N_USERS, N_ITEMS, sp.csr_matrix(train), mods, d=4, hyper_num=3, alpha=0.3,
+    model = LGMRecModule(inputs_of(sp.csr_matrix(train), modalities=mods), d=4, hyper_num=3, alpha=0.3,
                          cl_weight=0.5, reg_weight=0.1)
     batch = (torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 3, 4, 6, 3, 2]), torch.tensor([4, 0, 1, 2, 5, 6]))
     return train, mods, model, batch
@@ -99,6 +103,6 @@ def test_learns_planted_structure():
     # user-item graph already finds most of the blocks (about 0.9); training must close the gap
     data, mods = planted_data(signal=0.0)
     torch.manual_seed(0)
-    model = LGMRecModule(data.n_users, data.n_items, data.train_matrix, mods, d=16, lr=0.01)
+    model = LGMRecModule(Inputs(data, modalities=mods), adam(lr=0.01), d=16)
     before, after = val_recall_before_after(model, data)
     assert after > before + 0.05 and after > 0.95, (before, after)

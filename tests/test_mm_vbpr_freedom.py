@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from mm_planted import hand_case, planted_data, val_recall_before_after
+from model_inputs import inputs_of
+
+from mllmrec.model import adam
+from mllmrec.pipeline import Inputs
 
 N_USERS, N_ITEMS = 5, 7
 
@@ -71,7 +74,7 @@ def test_vbpr_forward_and_loss_match_the_equations(hand):
 
     _, feats, (users, pos, neg) = hand
     image = np.random.default_rng(4).standard_normal((N_ITEMS, 3)).astype(np.float32)
-    model = VBPRModule(N_USERS, N_ITEMS, {"text": feats, "image": image}, d=4, reg_weight=0.1)
+    model = VBPRModule(inputs_of(shape=(N_USERS, N_ITEMS), modalities={"text": feats, "image": image}), d=4, reg_weight=0.1)
     with torch.no_grad():
         model.item_linear.bias.normal_()
     p = {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
@@ -92,7 +95,7 @@ def freedom(hand, **kw):
 
     train, feats, _ = hand
     torch.manual_seed(0)
-    return FREEDOMModule(N_USERS, N_ITEMS, train, {"text": feats}, d=4, feat_embed_dim=4, knn_k=3, **kw)
+    return FREEDOMModule(inputs_of(train, modalities={"text": feats}), d=4, feat_embed_dim=4, knn_k=3, **kw)
 
 
 def test_freedom_frozen_graph_matches_a_dense_reference(hand):
@@ -141,7 +144,7 @@ def test_freedom_pruning_prefers_low_degree_edges():
     for u in range(1, n_u):
         train[u, [2 * u, 2 * u + 1]] = 1  # degree 2
     torch.manual_seed(0)
-    model = FREEDOMModule(n_u, n_i, sp.csr_matrix(train), {"text": np.eye(n_i, 8, dtype=np.float32) + 0.1},
+    model = FREEDOMModule(inputs_of(train, modalities={"text": np.eye(n_i, 8, dtype=np.float32) + 0.1}),
                           d=4, feat_embed_dim=4, knn_k=3, dropout=0.5)
     share_star = np.mean([model.prune_edges()[0].nnz / 40 for _ in range(20)])
     assert share_star < 0.5 - 0.1
@@ -153,7 +156,7 @@ def test_refine_replaces_exactly_the_item_graph(hand):
 
     train, feats, _ = hand
     cfg = {"refine": True, "alpha": 0.2, "k_c": 2, "denoise": True, "enhance": True}
-    vanilla, refined = freedom(hand), freedom(hand, graph_cfg=cfg)
+    vanilla, refined = freedom(hand), freedom(hand, **cfg)
     idx, sim = knn_candidates(feats, 3, progress=False)
     expected = sym_normalize(refine_item_graph(idx, sim, cooccurrence_topk(train, 2, progress=False), 0.2))
     np.testing.assert_allclose(refined.mm_adj.to_scipy().toarray(), expected.toarray(), rtol=1e-6)
@@ -184,8 +187,8 @@ def test_learns_planted_structure(name):
     data, mods = planted_data()
     torch.manual_seed(0)
     if name == "vbpr":
-        model = VBPRModule(data.n_users, data.n_items, mods, d=16, lr=0.01)
+        model = VBPRModule(Inputs(data, modalities=mods), adam(lr=0.01), d=16)
     else:
-        model = FREEDOMModule(data.n_users, data.n_items, data.train_matrix, mods, d=16, feat_embed_dim=16, lr=0.01, knn_k=5)
+        model = FREEDOMModule(Inputs(data, modalities=mods), adam(lr=0.01), d=16, feat_embed_dim=16, knn_k=5)
     before, after = val_recall_before_after(model, data)
     assert after > before + 0.2, (before, after)

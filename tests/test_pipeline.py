@@ -101,7 +101,7 @@ def test_composed_config_points_at_the_fixture(compose_cfg, tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     "override,key",
     [("graph.alpha=1.5", "graph.alpha"), ("graph.k_c=0", "graph.k_c"), ("graph.layers=-1", "graph.layers"),
-     ("reason.history=everything", "reason.history"), ("model.lr=0", "model.lr")],
+     ("reason.history=everything", "reason.history"), ("model.optimizer.lr=0", "model.optimizer.lr")],
 )
 def test_out_of_range_settings_are_refused_by_key(compose_cfg, override, key):
     with pytest.raises(ConfigError) as ei:

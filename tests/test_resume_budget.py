@@ -25,7 +25,7 @@ def test_fingerprint_ignores_max_epochs_only(compose_cfg):
     assert config_fingerprint(compose_cfg("trainer.max_epochs=300")) == base
     assert config_fingerprint(compose_cfg("trainer.max_epochs=3", "trainer.enable_progress_bar=false")) == base
     assert config_fingerprint(compose_cfg("trainer.max_epochs=3", "graph.k_c=5")) != base
-    assert config_fingerprint(compose_cfg("trainer.max_epochs=3", "model.lr=0.01")) != base
+    assert config_fingerprint(compose_cfg("trainer.max_epochs=3", "model.optimizer.lr=0.01")) != base
 
 
 def _completed(out: Path, cfg, **fields):
@@ -62,11 +62,11 @@ def test_other_config_changes_start_afresh_naming_the_keys(compose_cfg, tmp_path
     (out / "checkpoints" / "last.ckpt").write_bytes(b"unused: never loaded")
     old = compose_cfg("trainer.max_epochs=3")
     write_fingerprint(out, old, config_fingerprint(old))
-    new = compose_cfg("trainer.max_epochs=3", "graph.k_c=5", "model.lr=0.01")
+    new = compose_cfg("trainer.max_epochs=3", "graph.k_c=5", "model.optimizer.lr=0.01")
     with caplog.at_level("WARNING"):
         assert resume_checkpoint(new, out, config_fingerprint(new)) is None
     line = [r.getMessage() for r in caplog.records if "not resuming" in r.getMessage()]
-    assert len(line) == 1 and "graph.k_c: 10 -> 5" in line[0] and "model.lr: 0.001 -> 0.01" in line[0], line
+    assert len(line) == 1 and "graph.k_c: 10 -> 5" in line[0] and "model.optimizer.lr: 0.001 -> 0.01" in line[0], line
     # an older run dir whose fingerprint file holds only the hash: afresh, saying the keys are unknown
     (out / ".config_fingerprint").write_text("0123456789abcdef")
     caplog.clear()

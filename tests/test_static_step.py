@@ -14,12 +14,14 @@ from mllmrec.datamodule import RecDataModule
 from mllmrec.errors import ConfigError
 from mllmrec.model import MLLMRecModule
 from mllmrec.static_step import pad_batch, resolve_mode, static_loss
+from model_inputs import inputs_of
 
 
 def make_model(n_users=40, n_items=30, seed=0, **kw) -> MLLMRecModule:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    return MLLMRecModule(torch.randn(n_users, 12, generator=g), torch.randn(n_items, 12, generator=g), d=8, d1=16, **kw)
+    features = {"user_features": torch.randn(n_users, 12, generator=g), "item_features": torch.randn(n_items, 12, generator=g)}
+    return MLLMRecModule(inputs_of(shape=(n_users, n_items), **features), d=8, d1=16, **kw)
 
 
 def grads(model, loss) -> dict[str, torch.Tensor]:

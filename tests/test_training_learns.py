@@ -19,7 +19,8 @@ import torch
 from mllmrec import model as model_mod
 from mllmrec.data import RecData
 from mllmrec.datamodule import RecDataModule
-from mllmrec.model import MLLMRecModule
+from mllmrec.model import MLLMRecModule, adam
+from mllmrec.pipeline import Inputs
 
 N_CLUSTERS, ITEMS_PER, USERS_PER, PER_USER, DIM = 4, 12, 16, 6, 16
 
@@ -45,7 +46,7 @@ def planted(seed: int = 0):
 def val_recall10(epochs: int, seed: int = 0) -> float:
     data, user_x, item_x = planted()
     pl.seed_everything(seed, verbose=False)
-    model = MLLMRecModule(user_x, item_x, d=8, d1=32, lr=1e-2)
+    model = MLLMRecModule(Inputs(data, user_x, item_x), adam(lr=1e-2), d=8, d1=32)
     dm = RecDataModule(batch_size=32, seed=seed).attach(data)
     trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")

@@ -9,11 +9,14 @@ Multimodal Recommendation", ACM MM 2023), as in MMRec's ``src/models/freedom.py`
   pruning), renormalised; LightGCN (mean over layers 0..L_ui) on it. Evaluation uses the full graph.
 * ``y_ui = u . (i + h_i)``; loss = BPR + ``reg_weight`` x sum over modalities of BPR(u, W f_pos, W f_neg)
   with f the (trainable, initialised from the features) modality embeddings.
-* ``graph.refine=true``: the frozen graph is the paper's refined graph on the same candidates
-  (see :func:`mllmrec.mm.graphs.model_item_graph`).
+* ``refine=True`` (``graph.refine=true``): the frozen graph is the paper's refined graph on the
+  same candidates, with ``alpha``, ``k_c``, ``denoise``, ``enhance`` of ``conf/graph``
+  (interpolated in ``conf/model/freedom.yaml``; see :func:`mllmrec.mm.graphs.model_item_graph`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,7 +26,10 @@ from torch import nn
 from mllmrec.errors import ConfigError
 from mllmrec.mm.features import require_modalities
 from mllmrec.mm.graphs import EdgeGraph, model_item_graph, refine_settings
-from mllmrec.model import RankingModule, bipartite_norm_adj, bpr_loss, lightgcn_layers, rows
+from mllmrec.model import OptimizerFactory, RankingModule, bipartite_norm_adj, bpr_loss, lightgcn_layers, rows
+
+if TYPE_CHECKING:
+    from mllmrec.pipeline import Inputs
 
 
 def mixed_modality_graph(modalities: dict, k: int, image_weight: float, train_matrix, refine, weighted=False):
@@ -43,19 +49,21 @@ def edge_keep_probabilities(train: sp.csr_matrix) -> tuple[np.ndarray, np.ndarra
 
 
 class FREEDOMModule(RankingModule):
-    def __init__(self, n_users: int, n_items: int, train_matrix: sp.spmatrix, modalities: dict,
-                 graph_cfg: dict | None = None, d: int = 64, feat_embed_dim: int = 64, knn_k: int = 10,
-                 mm_layers: int = 1, ui_layers: int = 2, mm_image_weight: float = 0.1, dropout: float = 0.8,
-                 reg_weight: float = 1e-4, lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
+    needs: ClassVar[str] = "modalities"
+
+    def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64,
+                 feat_embed_dim: int = 64, knn_k: int = 10, mm_layers: int = 1, ui_layers: int = 2,
+                 mm_image_weight: float = 0.1, dropout: float = 0.8, reg_weight: float = 1e-4,
+                 refine: bool = False, alpha: float = 0.7, k_c: int = 10, denoise: bool = True, enhance: bool = True):
+        super().__init__(optimizer)
+        modalities, n_users, n_items = inputs.modalities, inputs.data.n_users, inputs.data.n_items
         require_modalities(modalities, "FREEDOM")
         if feat_embed_dim != d:
             raise ConfigError("model.feat_embed_dim", f"must equal model.d ({d}): FREEDOM scores users against it")
-        self.save_hyperparameters(ignore=["train_matrix", "modalities", "graph_cfg"])
-        self.refine = refine_settings(graph_cfg)
-        self.hparams["refine"] = self.refine
+        self.save_hyperparameters(ignore=["inputs", "optimizer"])
+        self.refine = refine_settings(refine, alpha, k_c, denoise, enhance)
         self.n_users, self.n_items = n_users, n_items
-        self.train_csr = sp.csr_matrix(train_matrix, dtype=np.float32)
+        self.train_csr = sp.csr_matrix(inputs.data.train_matrix, dtype=np.float32)
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
         self.mm_adj = EdgeGraph(mixed_modality_graph(modalities, knn_k, mm_image_weight, self.train_csr, self.refine))

@@ -80,11 +80,10 @@ def model_item_graph(features: np.ndarray, k: int, train_matrix: sp.spmatrix | N
     return sym_normalize(adj)
 
 
-def refine_settings(graph_cfg: dict | None) -> dict | None:
-    """The refinement switches of ``cfg.graph`` when ``graph.refine`` is on, else None."""
-    if not graph_cfg or not graph_cfg.get("refine", False):
-        return None
-    return {key: graph_cfg[key] for key in ("alpha", "k_c", "denoise", "enhance")}
+def refine_settings(refine: bool, alpha: float, k_c: int, denoise: bool, enhance: bool) -> dict | None:
+    """The ``refine`` argument of :func:`model_item_graph`: the refinement settings when ``refine``
+    (``graph.refine``) is on, else None."""
+    return {"alpha": alpha, "k_c": k_c, "denoise": denoise, "enhance": enhance} if refine else None
 
 
 @torch.no_grad()

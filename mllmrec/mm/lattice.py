@@ -10,11 +10,14 @@ as in MMRec's ``src/models/lattice.py`` with its LightGCN backbone (``cf_model: 
   ``h = A^L e_item``; LightGCN (mean over layers 0..L_ui) over the row-normalised user-item graph
   with self-loops, D^-1 (R + I); ``y_ui = u . (i + h_i / |h_i|)``.
 * Loss: BPR + ``reg_weight`` x (|u|^2 + |i|^2 + |j|^2) / (2 B); learning rate x 0.96^(epoch/50).
-* ``graph.refine=true``: the original (frozen, weight lambda) graph is the paper's refined graph
-  on the same candidates; the learned graph is unchanged.
+* ``refine=True`` (``graph.refine=true``): the original (frozen, weight lambda) graph is the
+  paper's refined graph on the same candidates, with ``alpha``, ``k_c``, ``denoise``, ``enhance``
+  of ``conf/graph`` (interpolated in ``conf/model/lattice.yaml``); the learned graph is unchanged.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,7 +28,10 @@ from torch import nn
 from mllmrec.errors import ConfigError
 from mllmrec.mm.features import require_modalities
 from mllmrec.mm.graphs import EdgeGraph, edge_matmul, learned_knn_edges, model_item_graph, normalize_edges, refine_settings
-from mllmrec.model import RankingModule, bpr_loss, lightgcn_layers, rows
+from mllmrec.model import OptimizerFactory, RankingModule, adam, bpr_loss, lightgcn_layers, rows
+
+if TYPE_CHECKING:
+    from mllmrec.pipeline import Inputs
 
 
 def row_norm_adj_with_self_loops(train: sp.spmatrix) -> sp.csr_matrix:
@@ -38,24 +44,28 @@ def row_norm_adj_with_self_loops(train: sp.spmatrix) -> sp.csr_matrix:
 
 
 class LATTICEModule(RankingModule):
-    def __init__(self, n_users: int, n_items: int, train_matrix: sp.spmatrix, modalities: dict,
-                 graph_cfg: dict | None = None, d: int = 64, feat_embed_dim: int = 64, knn_k: int = 10,
-                 lambda_coeff: float = 0.9, item_layers: int = 1, ui_layers: int = 2, reg_weight: float = 1e-4,
-                 lr: float = 5e-4, lr_decay: float = 0.96, lr_decay_epochs: int = 50, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
+    """``optimizer`` None: Adam at MMRec's lr 5e-4; ``lr_decay``/``lr_decay_epochs``: its schedule."""
+
+    needs: ClassVar[str] = "modalities"
+
+    def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64,
+                 feat_embed_dim: int = 64, knn_k: int = 10, lambda_coeff: float = 0.9, item_layers: int = 1,
+                 ui_layers: int = 2, reg_weight: float = 1e-4, lr_decay: float = 0.96, lr_decay_epochs: int = 50,
+                 refine: bool = False, alpha: float = 0.7, k_c: int = 10, denoise: bool = True, enhance: bool = True):
+        super().__init__(optimizer or adam(lr=5e-4))
+        modalities, n_users, n_items = inputs.modalities, inputs.data.n_users, inputs.data.n_items
         require_modalities(modalities, "LATTICE")
         if not 0.0 <= lambda_coeff <= 1.0:
             raise ConfigError("model.lambda_coeff", f"must be in [0, 1], got {lambda_coeff}")
-        self.save_hyperparameters(ignore=["train_matrix", "modalities", "graph_cfg"])
-        self.refine = refine_settings(graph_cfg)
-        self.hparams["refine"] = self.refine
+        self.save_hyperparameters(ignore=["inputs", "optimizer"])
+        self.refine = refine_settings(refine, alpha, k_c, denoise, enhance)
         self.n_users, self.n_items = n_users, n_items
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
         self.feat = nn.ParameterDict({m: nn.Parameter(torch.from_numpy(f.copy())) for m, f in modalities.items()})
         self.trs = nn.ModuleDict({m: nn.Linear(f.shape[1], feat_embed_dim) for m, f in modalities.items()})
         self.modal_weight = nn.Parameter(torch.full((len(modalities),), 0.5))
-        train = sp.csr_matrix(train_matrix, dtype=np.float32)
+        train = sp.csr_matrix(inputs.data.train_matrix, dtype=np.float32)
         self.original = nn.ModuleDict(
             {m: EdgeGraph(model_item_graph(f, knn_k, train, self.refine, weighted=True)) for m, f in modalities.items()})
         self.ui_adj = EdgeGraph(row_norm_adj_with_self_loops(train))

@@ -20,6 +20,8 @@ uses the noiseless softmax memberships (MMRec draws Gumbel noise at test time to
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -28,7 +30,10 @@ from torch import nn
 
 from mllmrec.mm.features import require_modalities
 from mllmrec.mm.graphs import EdgeGraph
-from mllmrec.model import RankingModule, bipartite_norm_adj, bpr_loss, lightgcn_layers, rows
+from mllmrec.model import OptimizerFactory, RankingModule, bipartite_norm_adj, bpr_loss, lightgcn_layers, rows
+
+if TYPE_CHECKING:
+    from mllmrec.pipeline import Inputs
 
 TAU = 0.2
 
@@ -40,15 +45,17 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, all_b: torch.Tensor, tau: float =
 
 
 class LGMRecModule(RankingModule):
-    def __init__(self, n_users: int, n_items: int, train_matrix: sp.spmatrix, modalities: dict, d: int = 64,
+    needs: ClassVar[str] = "modalities"
+
+    def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64,
                  ui_layers: int = 2, mm_layers: int = 2, hyper_layers: int = 1, hyper_num: int = 4,
-                 keep_rate: float = 0.5, alpha: float = 0.3, cl_weight: float = 1e-4, reg_weight: float = 1e-6,
-                 lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
+                 keep_rate: float = 0.5, alpha: float = 0.3, cl_weight: float = 1e-4, reg_weight: float = 1e-6):
+        super().__init__(optimizer)
+        modalities, n_users, n_items = inputs.modalities, inputs.data.n_users, inputs.data.n_items
         require_modalities(modalities, "LGMRec")
-        self.save_hyperparameters(ignore=["train_matrix", "modalities"])
+        self.save_hyperparameters(ignore=["inputs", "optimizer"])
         self.n_users, self.n_items = n_users, n_items
-        train = sp.csr_matrix(train_matrix, dtype=np.float32)
+        train = sp.csr_matrix(inputs.data.train_matrix, dtype=np.float32)
         self.norm_adj = bipartite_norm_adj(train)
         self.r_sum = EdgeGraph(train)  # R @ x (users x items)
         deg = np.asarray(train.sum(1)).ravel() + 1e-7

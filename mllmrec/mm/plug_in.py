@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from mllmrec.cells import summarize_cells
+
 log = logging.getLogger("mllmrec.plug_in")
 
 METRICS = ("test/recall@20", "test/ndcg@20", "val/recall@20")
@@ -23,20 +25,24 @@ def _is_refined(value) -> bool:
 
 
 def plug_in_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per model: vanilla and refined means over the completed jobs, and the R@20 gain."""
-    ok = df[df["status"] == "completed"].copy()
-    ok["model"] = ok["model"].astype(str) if "model" in ok else "model"
-    ok["refined"] = ok["graph.refine"].map(_is_refined)
-    for m in METRICS:
-        ok[m] = ok[m].astype(float)
+    """One row per model: vanilla and refined means over the completed jobs (any other swept
+    setting, e.g. the seed, pooled: :func:`mllmrec.cells.summarize_cells` on model x refined), and
+    the R@20 gain."""
+    ok = df[df["status"] == "completed"]
+    if not len(ok):
+        return pd.DataFrame()
+    jobs = pd.DataFrame({"model": ok["model"].astype(str) if "model" in ok else "model",
+                         "refined": ok["graph.refine"].map(_is_refined), "status": ok["status"],
+                         **{m: ok[m] for m in METRICS}})
+    cells = summarize_cells(jobs)
     rows = []
-    for model, g in ok.groupby("model", sort=True):
+    for model, g in cells.groupby("model", sort=True):
         row = {"model": model}
         for refined, label in ((False, "vanilla"), (True, "refined")):
             part = g[g["refined"] == refined]
-            row[f"{label} runs"] = len(part)
+            row[f"{label} runs"] = int(part["n"].sum())
             for m in METRICS:
-                row[f"{label} {m}"] = part[m].mean() if len(part) else float("nan")
+                row[f"{label} {m}"] = float(part[f"{m}_mean"].iloc[0]) if len(part) else float("nan")
         row["R@20 gain %"] = 100.0 * (row["refined test/recall@20"] / row["vanilla test/recall@20"] - 1.0)
         rows.append(row)
     return pd.DataFrame(rows)

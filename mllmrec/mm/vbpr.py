@@ -8,13 +8,18 @@ plus ``reg_weight`` x MMRec's EmbLoss over the batch rows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import numpy as np
 import torch
 from torch import nn
 
 from mllmrec.baselines import emb_reg, mmrec_bpr
 from mllmrec.mm.features import require_modalities
-from mllmrec.model import RankingModule, rows
+from mllmrec.model import OptimizerFactory, RankingModule, rows
+
+if TYPE_CHECKING:
+    from mllmrec.pipeline import Inputs
 
 
 def concat_modalities(modalities: dict[str, np.ndarray]) -> torch.Tensor:
@@ -23,14 +28,16 @@ def concat_modalities(modalities: dict[str, np.ndarray]) -> torch.Tensor:
 
 
 class VBPRModule(RankingModule):
-    def __init__(self, n_users: int, n_items: int, modalities: dict, d: int = 64, lr: float = 1e-3,
-                 reg_weight: float = 1e-4, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
-        require_modalities(modalities, "VBPR")
-        self.save_hyperparameters("n_users", "n_items", "d", "lr", "reg_weight", "weight_decay")
-        self.register_buffer("item_feat", concat_modalities(modalities), persistent=False)
-        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, 2 * d)))
-        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
+    needs: ClassVar[str] = "modalities"
+
+    def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64,
+                 reg_weight: float = 1e-4):
+        super().__init__(optimizer)
+        require_modalities(inputs.modalities, "VBPR")
+        self.save_hyperparameters(ignore=["inputs", "optimizer"])
+        self.register_buffer("item_feat", concat_modalities(inputs.modalities), persistent=False)
+        self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.data.n_users, 2 * d)))
+        self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(inputs.data.n_items, d)))
         self.item_linear = nn.Linear(self.item_feat.shape[1], d)
         nn.init.xavier_normal_(self.item_linear.weight)  # MMRec's xavier_normal_initialization
         nn.init.zeros_(self.item_linear.bias)
