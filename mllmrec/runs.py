@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mllmrec import config as _config  # noqa: F401  (registers the config resolvers)
+from mllmrec import config as mconfig  # also registers the config resolvers
 from mllmrec.errors import ConfigError
 from mllmrec.pipeline import Inputs
 
@@ -39,7 +39,7 @@ def load_run(run_dir: str | Path) -> Run:
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
         raise ConfigError("run_dir", f"{cfg_path} not found (expected a run dir written by mllmrec.train)")
-    cfg = OmegaConf.load(cfg_path)
+    cfg = upgrade_config(OmegaConf.load(cfg_path))
     ckpt = find_checkpoint(run_dir)
     inputs = prepare_inputs(cfg)
     model = build_model(cfg, inputs)
@@ -48,3 +48,35 @@ def load_run(run_dir: str | Path) -> Run:
     model.eval()
     log.info("loaded %s (epoch %s)", ckpt, state.get("epoch"))
     return Run(run_dir, cfg, inputs, model, ckpt)
+
+
+def _today_model_node(target: str) -> dict:
+    """The ``conf/model`` preset of today whose ``_target_`` is ``target`` (unresolved), or {}."""
+    for path in sorted((mconfig.CONF_DIR / "model").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        if node.get("_target_") == target:
+            return node
+    return {}
+
+
+def upgrade_config(cfg: DictConfig) -> DictConfig:
+    """A run dir's config written before the model took its optimizer from config: ``model.lr`` /
+    ``model.weight_decay`` move into ``model.optimizer`` (Adam, as those runs trained with), the old
+    ``needs_features`` / ``needs_modalities`` flags go (the class declares ``needs``), and keys
+    added since take today's preset values (e.g. FREEDOM's ``refine: ${graph.refine}``, resolved
+    against the run's own ``graph`` node). A current config is returned as it is."""
+    if "optimizer" in cfg.model:
+        return cfg
+    node = OmegaConf.to_container(cfg.model, resolve=False)
+    for flag in ("needs_features", "needs_modalities"):
+        node.pop(flag, None)
+    today = _today_model_node(node.get("_target_"))
+    optimizer = dict(today.get("optimizer") or {"_target_": "torch.optim.Adam", "_partial_": True, "fused": True})
+    optimizer.update({k: node.pop(k) for k in ("lr", "weight_decay") if k in node})
+    node = {**{k: v for k, v in today.items() if k != "optimizer"}, **node, "optimizer": optimizer}
+    log.info("%s: config written by an older version; model.lr/model.weight_decay read as model.optimizer.*",
+             node.get("_target_"))
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.model = OmegaConf.create(node)
+    return cfg

@@ -126,3 +126,29 @@ def test_visualize_writes_a_tsne_png(bpr_run):
     assert (bpr_run / "tsne_users.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     xy = np.load(bpr_run / "tsne_users.npz")["xy"]
     assert xy.shape == (30, 2) and np.isfinite(xy).all()
+
+
+@pytest.mark.slow
+def test_a_run_dir_of_the_older_model_config_reopens(bpr_run, tmp_path):
+    """Run dirs written before ``model.optimizer`` (``model.lr``, ``needs_features``) still load."""
+    import shutil
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from mllmrec.runs import load_run
+
+    old = tmp_path / "old_run"
+    shutil.copytree(bpr_run, old)
+    cfg = OmegaConf.load(old / ".hydra" / "config.yaml")
+    model = OmegaConf.to_container(cfg.model, resolve=False)
+    optimizer = model.pop("optimizer")
+    model.update(needs_features=False, lr=optimizer["lr"] * 3, weight_decay=0.5)
+    cfg.model = OmegaConf.create(model)
+    OmegaConf.save(cfg, old / ".hydra" / "config.yaml")
+
+    new_run, old_run = load_run(bpr_run), load_run(old)
+    assert old_run.cfg.model.optimizer.lr == optimizer["lr"] * 3 and old_run.cfg.model.optimizer.weight_decay == 0.5
+    assert "needs_features" not in old_run.cfg.model
+    for a, b in zip(new_run.model.representations(), old_run.model.representations()):
+        assert torch.equal(a, b)
