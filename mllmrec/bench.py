@@ -1,327 +1,28 @@
 """``python -m mllmrec.bench data_root=<folder with office/ baby/ sports/ clothing/>``
 
-Side-by-side speed and memory: each measured piece runs in its own subprocess (so peak RSS is
-its own), results go to a table on stdout and ``bench.json`` in the run dir. Pieces:
+Side-by-side speed and memory: the driver walks the table of :mod:`mllmrec.bench_table`; each
+measured piece (:mod:`mllmrec.bench_pieces`) runs in its own subprocess (so peak RSS is its own),
+and the results go to a table on stdout and ``bench.json`` in the run dir:
 
-- ``graph.<ds>``: our sparse graph stage vs a dense re-implementation of the official algorithm
-  (dense |I|x|I| cosine + top-k, dense |U|x|I| matrix for the Jaccard product) on the dataset's
-  training interactions with random unit 384-d item features; the two graphs are compared.
-- ``train.sports``: our epoch (train + validation, Lightning) vs the official loop structure
-  (every batch: item propagation + towers over ALL users and items; every eval batch likewise).
+- ``graph.<ds>``: our sparse graph stage vs a dense re-implementation of the official algorithm;
+- ``train.<ds>``: our epoch (train + validation, Lightning) vs the official loop structure, and
+  the GEMM floor of that epoch;
 - ``eval.sports``: our full-ranking Recall/NDCG@10/20 over all validation users.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from mllmrec.bench_grid import gpu_rows, piece_grid
+from mllmrec.bench_table import SECTIONS, Result, Results, Row, Section, text
 
 log = logging.getLogger("mllmrec.bench")
-
-FEATURE_DIM = 384
-
-
-# ---------------------------------------------------------------------------- helpers
-def peak_mb() -> dict:
-    """Peak RSS of this process in MB, plus the peak CUDA allocation when the piece used a GPU."""
-    out = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
-def warm_up(device: str) -> None:
-    """Create the CUDA context and cuBLAS handle before a timed region (no-op on CPU)."""
-    if device != "cpu":
-        import torch
-
-        x = torch.ones(64, 64, device=device)
-        (x @ x).sum().item()
-
-
-def random_unit(n: int, dim: int = FEATURE_DIM, seed: int = 0) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
-
-
-def load(data_root: str, name: str):
-    from mllmrec.data import load_dataset
-
-    return load_dataset(name, Path(data_root) / name)
-
-
-def graph_digest(rows, cols, vals) -> tuple[str, int]:
-    """Order-independent fingerprint of a weighted edge list (weights rounded to 1e-5)."""
-    order = np.lexsort((cols, rows))
-    h = hashlib.sha256()
-    h.update(np.asarray(rows)[order].astype(np.int64).tobytes())
-    h.update(np.asarray(cols)[order].astype(np.int64).tobytes())
-    h.update(np.round(np.asarray(vals, np.float64)[order], 5).tobytes())
-    return h.hexdigest()[:16], int(len(order))
-
-
-# ---------------------------------------------------------------------------- pieces
-def piece_graph_ours(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, device="cpu", **_):
-    from mllmrec.graph import cooccurrence_topk, knn_candidates, propagate, refine_item_graph, sym_normalize
-
-    data = load(data_root, dataset)
-    feats = random_unit(data.n_items)
-    train = data.train_matrix
-    warm_up(device)
-    start = time.perf_counter()
-    idx, sim = knn_candidates(feats, k_s, device=device, progress=False)
-    cooc = cooccurrence_topk(train, k_c, progress=False)
-    adj = refine_item_graph(idx, sim, cooc, alpha)
-    e_star = propagate(sym_normalize(adj), feats, layers)
-    seconds = time.perf_counter() - start
-    coo = adj.tocoo()
-    digest, edges = graph_digest(coo.row, coo.col, coo.data)
-    return {"seconds": seconds, **peak_mb(), "digest": digest, "edges": edges,
-            "items": data.n_items, "e_star_checksum": float(np.abs(e_star).sum())}
-
-
-def piece_graph_dense(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, device="cpu", **_):
-    """The official algorithm's structure: dense matrices throughout (ties broken like ours).
-
-    alpha defaults to 0.15 in these benchmarks: random unit 384-d features have cosine
-    similarities near 0, so a paper-like 0.4-0.7 would keep only the self-loops.
-    """
-    import torch
-
-    data = load(data_root, dataset)
-    feats = random_unit(data.n_items)
-    train = data.train_matrix
-    dev = torch.device(device)
-    warm_up(device)
-    start = time.perf_counter()
-    x = torch.from_numpy(feats).to(dev)
-    xn = x / x.norm(dim=-1, keepdim=True)
-    sim = xn @ xn.T                                            # |I| x |I|
-    val, ind = torch.topk(sim, k_s, dim=-1)
-    adj = torch.zeros_like(sim).scatter_(-1, ind, val)
-    del sim
-    adj = (adj >= alpha).float() if alpha > 0 else adj
-    a = torch.tensor(train.toarray(), device=dev).T            # dense |I| x |U|
-    inter = a @ a.T                                            # |I| x |I|
-    deg = a.sum(1, keepdim=True)
-    union = deg + deg.T - inter
-    jac = torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
-    del inter, union, a
-    jac.fill_diagonal_(0)
-    sval, sind = torch.sort(jac, dim=1, descending=True, stable=True)  # ties: smaller index first
-    sval, sind = sval[:, :k_c], sind[:, :k_c]
-    adj_jac = torch.zeros_like(jac).scatter_(-1, sind, sval)
-    del jac
-    mat = adj + adj_jac
-    rowsum = mat.sum(-1)
-    d = rowsum.pow(-0.5)
-    d[torch.isinf(d)] = 0
-    norm = d[:, None] * mat * d[None, :]
-    e, total = x, x.clone()
-    for _ in range(layers):
-        e = norm @ e
-        total = total + e
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    nz = mat.nonzero(as_tuple=True)
-    digest, edges = graph_digest(nz[0].cpu().numpy(), nz[1].cpu().numpy(), mat[nz].cpu().numpy())
-    return {"seconds": seconds, **peak_mb(), "digest": digest, "edges": edges,
-            "items": data.n_items, "e_star_checksum": float(total.abs().sum())}
-
-
-def _sports_setup(data_root, dataset, device, eval_batch_size="auto", cuda_graphs=False):
-    import torch
-
-    from mllmrec.datamodule import RecDataModule
-    from mllmrec.model import MLLMRecModule
-    from mllmrec.pipeline import Inputs
-
-    data = load(data_root, dataset)
-    users = torch.from_numpy(random_unit(data.n_users, seed=1))
-    items = torch.from_numpy(random_unit(data.n_items, seed=2))
-    torch.manual_seed(0)
-    model = MLLMRecModule(Inputs(data, users, items), cuda_graphs=cuda_graphs)
-    dm = RecDataModule(batch_size=2048, eval_batch_size=eval_batch_size, seed=0).attach(data)
-    return data, model, dm
-
-
-def piece_train_ours(data_root, dataset, epochs=3, device="cpu", cuda_graphs=False, **_):
-    """Per-epoch seconds of our Lightning loop (train + validation); first epoch is warm-up."""
-    import pytorch_lightning as pl
-
-    data, model, dm = _sports_setup(data_root, dataset, device, cuda_graphs=cuda_graphs)
-    times = []
-
-    class Timer(pl.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            self.t = time.perf_counter()
-
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if device == "cuda":
-                import torch
-
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
-    trainer = pl.Trainer(
-        max_epochs=epochs, accelerator="gpu" if device == "cuda" else "cpu", devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=[Timer()],
-    )
-    trainer.fit(model, datamodule=dm)
-    steady = times[1:] or times
-    return {"epoch_seconds": float(np.median(steady)), "epochs_timed": len(steady), **peak_mb(),
-            "first_epoch_seconds": times[0]}
-
-
-def piece_train_official(data_root, dataset, epochs=1, device="cpu", **_):
-    """The official loop's structure: per batch, item propagation + full forward over all users and
-    items, then index the batch; per eval batch, the same full forward. Same towers, same data."""
-    import torch
-
-    from mllmrec.datamodule import sample_negatives
-    from mllmrec.graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
-    from mllmrec.metrics import evaluate_batch
-    from mllmrec.model import bpr_loss
-
-    data, model, dm = _sports_setup(data_root, dataset, device, eval_batch_size=4096)  # MMRec's eval batch
-    dev = torch.device(device)
-    feats = model.item_feat.numpy()
-    idx, sim = knn_candidates(feats, 10, progress=False)
-    norm = sym_normalize(refine_item_graph(idx, sim, cooccurrence_topk(data.train_matrix, 10, progress=False), 0.5)).tocoo()
-    ii = torch.sparse_coo_tensor(np.vstack([norm.row, norm.col]), norm.data, norm.shape).coalesce().to(dev)
-    model = model.to(dev)
-    dm.setup()
-    dm.train_users, dm.train_items, dm.train_keys = (t.to(dev) for t in (dm.train_users, dm.train_items, dm.train_keys))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def forward():
-        e_i = torch.stack([model.item_feat, torch.sparse.mm(ii, model.item_feat)], 1).sum(1)  # II_GCN, L=1
-        return model.user_tower(model.user_feat), model.item_tower(e_i)
-
-    times = []
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        gen = torch.Generator(device=dev).manual_seed(epoch)
-        perm = torch.randperm(dm.train_users.numel(), generator=gen, device=dev)
-        users, pos = dm.train_users[perm], dm.train_items[perm]
-        neg = sample_negatives(users, dm.train_keys, data.n_items, gen)
-        model.train()
-        for s in range(0, users.numel(), 2048):
-            opt.zero_grad()
-            h_u, h_i = forward()
-            loss = bpr_loss(h_u[users[s:s + 2048]], h_i[pos[s:s + 2048]], h_i[neg[s:s + 2048]])
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            for batch in dm.eval_batches["valid"]:
-                batch = {k: v.to(dev) for k, v in batch.items()}
-                h_u, h_i = forward()
-                evaluate_batch(h_u[batch["users"]] @ h_i.T, batch)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"epoch_seconds": float(np.median(times)), "epochs_timed": len(times), **peak_mb()}
-
-
-def piece_eval_ours(data_root, dataset, device="cpu", repeats=3, **_):
-    import torch
-
-    data, model, dm = _sports_setup(data_root, dataset, device)
-    model = model.to(device)
-    dm.setup()
-    batches = [{k: v.to(device) for k, v in b.items()} for b in dm.eval_batches["valid"]]
-    times, result = [], {}
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model._eval_start()
-            for b in batches:
-                model._eval_step(b)
-            result = {m: float(v / model._count) for m, v in model._sums.items()}
-            times.append(time.perf_counter() - start)
-    return {"seconds": float(np.median(times)), "users": int(model._count), **peak_mb(), **result}
-
-
-def piece_gemm_floor(data_root, dataset, device="cpu", repeats=3, d1=256, d=64, **_):
-    """The matrix products one epoch (train + validation) cannot avoid, timed alone.
-
-    Training: for every batch of an epoch, both towers' forward (X W1, A W2) and backward (dW2,
-    dA, dW1) GEMMs over the batch's distinct users / items, the fewest rows that give the exact
-    gradients. Validation: the user x item score products of all validation users. Inputs are
-    preallocated and nothing else runs (no gathers, activations, loss, optimizer, top-k, Python
-    loop of a trainer), so no exact fp32 implementation of these towers can be faster.
-    """
-    import torch
-
-    data, model, dm = _sports_setup(data_root, dataset, device)
-    dm.setup()
-    dev = torch.device(device)
-    d_in = model.item_feat.shape[1]
-    rows = []
-    for users, pos, neg in dm.train_dataloader():
-        rows += [int(torch.unique(users).numel()), int(torch.unique(torch.cat([pos, neg])).numel())]
-    top = max(rows)
-    x = torch.randn(top, d_in, device=dev)
-    w1, w2 = torch.randn(d1, d_in, device=dev), torch.randn(d, d1, device=dev)
-    a1, g2, g1 = torch.empty(top, d1, device=dev), torch.randn(top, d, device=dev), torch.empty(top, d1, device=dev)
-    h2, dw1, dw2 = torch.empty(top, d, device=dev), torch.empty(d1, d_in, device=dev), torch.empty(d, d1, device=dev)
-    n_val = sum(int(b["users"].numel()) for b in dm.eval_batches["valid"])
-    block = max(int(b["users"].numel()) for b in dm.eval_batches["valid"])
-    hu, hit = torch.randn(block, d, device=dev), torch.randn(d, data.n_items, device=dev)
-    scores = torch.empty(block, data.n_items, device=dev)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    train_t, eval_t = [], []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        for r in rows:
-            torch.mm(x[:r], w1.T, out=a1[:r])
-            torch.mm(a1[:r], w2.T, out=h2[:r])
-            torch.mm(g2[:r].T, a1[:r], out=dw2)
-            torch.mm(g2[:r], w2, out=g1[:r])
-            torch.mm(g1[:r].T, x[:r], out=dw1)
-        sync()
-        train_t.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for s0 in range(0, n_val, block):
-            b = min(block, n_val - s0)
-            torch.mm(hu[:b], hit, out=scores[:b])
-        sync()
-        eval_t.append(time.perf_counter() - start)
-    train_s, eval_s = float(np.min(train_t)), float(np.min(eval_t))
-    return {"seconds": train_s + eval_s, "train_seconds": train_s, "eval_seconds": eval_s, "steps": len(rows) // 2,
-            "mean_rows_per_step": float(np.mean(rows) * 2), **peak_mb()}
-
-
-PIECES = {
-    "gemm_floor": piece_gemm_floor,
-    "graph_ours": piece_graph_ours,
-    "graph_dense": piece_graph_dense,
-    "train_ours": piece_train_ours,
-    "train_official": piece_train_official,
-    "eval_ours": piece_eval_ours,
-    "grid": piece_grid,
-}
 
 
 # ---------------------------------------------------------------------------- driver
@@ -339,80 +40,55 @@ def run_piece(piece: str, timeout: int = 3600, **kwargs) -> dict:
     return result
 
 
+def run_section(section: Section, ds: str, cfg, root: Path, out: dict, pieces: dict) -> Results:
+    """Run the section's steps that apply to ``ds``: each result goes to ``pieces``, its keys and
+    errors to ``out``."""
+    results = Results(ds=ds)
+    for step in section.steps:
+        if not step.when(cfg, ds):
+            continue
+        result = run_piece(step.piece, timeout=step.timeout, data_root=str(root), dataset=ds, **step.inputs(cfg, ds))
+        key = f"{step.piece}.{ds}"
+        pieces[key if key not in pieces else f"{key}.{len(pieces)}"] = result
+        if "error" in result:
+            out["errors"].append(f"{step.piece} {ds}: {result['error']}")
+        results[step.name] = Result(result)
+        out.update(step.filled(results))
+    return results
+
+
 def run_bench(cfg) -> dict:
+    """Every section on every dataset of it found under ``cfg.data_root``; bench.json's content."""
     root = Path(cfg.data_root).expanduser()
     if not root.is_dir():
         from mllmrec.errors import ConfigError
 
         raise ConfigError("data_root", f"{root} is not a folder (it should hold baby/, sports/, clothing/)")
-    device = cfg.device
-    out: dict = {"device": device, "data_root": str(root), "cpu_count": os.cpu_count(), "errors": []}
-    if device == "cuda":
+    out: dict = {"device": cfg.device, "data_root": str(root), "cpu_count": os.cpu_count(), "errors": []}
+    if cfg.device == "cuda":
         import torch
 
         out["gpu"] = torch.cuda.get_device_name(0)
-    rows = []
-    mem_key = "gpu_peak_mb" if device == "cuda" else "peak_mb"  # the table's memory columns
-
-    pieces: dict = {}  # every piece's full result (GPU memory included), for bench.json
-
-    def run_piece_here(piece: str, **kwargs) -> dict:
-        result = run_piece(piece, data_root=str(root), **kwargs)
-        key = f"{piece}.{kwargs.get('dataset')}"
-        pieces[key if key not in pieces else f"{key}.{len(pieces)}"] = result
-        if "error" in result:
-            out["errors"].append(f"{piece} {kwargs.get('dataset')}: {result['error']}")
-        return result
-
-    def have(name):
-        return (root / name).is_dir()
-
-    if have("baby"):
-        ours = run_piece_here("graph_ours", dataset="baby", device=device)
-        dense = run_piece_here("graph_dense", dataset="baby", device=device)
-        same = "digest" in ours and ours.get("digest") == dense.get("digest")
-        out.update({"graph.baby.seconds": ours.get("seconds"), "graph.baby.peak_mb": ours.get("peak_mb"),
-                    "graph.baby.dense_seconds": dense.get("seconds"), "graph.baby.dense_peak_mb": dense.get("peak_mb"),
-                    "graph.baby.edges": ours.get("edges"), "graph.baby.identical_edges": bool(same)})
-        rows.append((f"graph, baby ({ours.get('items')} items)", ours.get("seconds"), ours.get(mem_key), dense.get("seconds"),
-                     dense.get(mem_key), f"identical edges: {same}"))
-    if have("clothing"):
-        ours = run_piece_here("graph_ours", dataset="clothing", device=device)
-        out.update({"graph.clothing.seconds": ours.get("seconds"), "graph.clothing.peak_mb": ours.get("peak_mb"),
-                    "graph.clothing.edges": ours.get("edges")})
-        dense = run_piece_here("graph_dense", dataset="clothing", device=device) if cfg.dense_clothing else {}
-        if dense:
-            out.update({"graph.clothing.dense_seconds": dense.get("seconds"), "graph.clothing.dense_peak_mb": dense.get("peak_mb")})
-        rows.append((f"graph, clothing ({ours.get('items')} items)", ours.get("seconds"), ours.get(mem_key), dense.get("seconds"),
-                     dense.get(mem_key), "" if dense else "dense: opt in with dense_clothing=true"))
-    for name in ("office", "sports"):
-        if not have(name):
-            continue
-        ours = run_piece_here("train_ours", dataset=name, device=device, epochs=int(cfg.epochs))
-        official = run_piece_here("train_official", dataset=name, device=device,
-                                  epochs=1 if name == "sports" and device == "cpu" else 3)
-        out.update({f"train.{name}.epoch_seconds": ours.get("epoch_seconds"),
-                    f"train.{name}.official_loop_epoch_seconds": official.get("epoch_seconds"),
-                    f"train.{name}.peak_mb": ours.get("peak_mb"),
-                    f"train.{name}.official_loop_peak_mb": official.get("peak_mb")})
-        rows.append((f"epoch (train+val), {name}", ours.get("epoch_seconds"), ours.get(mem_key),
-                     official.get("epoch_seconds"), official.get(mem_key), "baseline: official loop structure"))
-        floor = run_piece_here("gemm_floor", dataset=name, device=device)
-        out.update({f"train.{name}.gemm_floor_seconds": floor.get("seconds"),
-                    f"train.{name}.gemm_floor_train_seconds": floor.get("train_seconds"),
-                    f"train.{name}.gemm_floor_eval_seconds": floor.get("eval_seconds")})
-        rows.append((f"GEMM floor of that epoch, {name}", floor.get("seconds"), None, official.get("epoch_seconds"), None,
-                     "matrix products alone; speed-up = the most any exact fp32 version can reach"))
-        if device == "cuda":  # the captured training step (model.cuda_graphs) and the grid, floor beside
-            rows += gpu_rows(run_piece_here, name, int(cfg.epochs), ours, floor, bool(cfg.get("grid", False)))
-    if have("sports"):
-        ev = run_piece_here("eval_ours", dataset="sports", device=device)
-        out.update({"eval.sports.seconds": ev.get("seconds"), "eval.sports.users": ev.get("users")})
-        rows.append(("full-ranking eval, sports", ev.get("seconds"), ev.get(mem_key), None, None,
-                     f"{ev.get('users')} users, all items"))
+    mem_key = "gpu_peak_mb" if cfg.device == "cuda" else "peak_mb"  # the table's memory columns
+    rows, pieces = [], {}  # pieces: every piece's full result (GPU memory included)
+    for section in SECTIONS:
+        for ds in section.datasets:
+            if (root / ds).is_dir():
+                results = run_section(section, ds, cfg, root, out, pieces)
+                rows += [table_row(row, results, mem_key) for row in section.rows if row.ours[0] in results]
     out["pieces"] = pieces
-    out["table"] = format_table(rows, "GPU peak MB" if device == "cuda" else "peak MB")
+    out["table"] = format_table(rows, "GPU peak MB" if cfg.device == "cuda" else "peak MB")
     return out
+
+
+# ---------------------------------------------------------------------------- table
+def table_row(row: Row, results: Results, mem_key: str) -> tuple:
+    """(name, ours s, ours MB, baseline s, baseline MB, note) of one row."""
+    ours = results[row.ours[0]]
+    base = results[row.baseline[0]] if row.baseline else Result()
+    return (text(row.label, results), ours[row.ours[1]], ours[mem_key] if row.memory else None,
+            base[row.baseline[1]] if row.baseline else None, base[mem_key] if row.memory else None,
+            text(row.note, results))
 
 
 def _fmt(v, unit=""):
@@ -425,8 +101,8 @@ def format_table(rows, mem: str = "peak MB") -> str:
     lines = [head]
     for name, s, mb, bs, bmb, note in rows:
         speed = f"{bs / s:.1f}x" if s and bs else "-"
-        mem = f"{bmb / mb:.1f}x" if mb and bmb else "-"
-        lines.append(f"| {name} | {_fmt(s)} | {_fmt(mb, '')} | {_fmt(bs)} | {_fmt(bmb)} | {speed} | {mem} | {note} |")
+        ratio = f"{bmb / mb:.1f}x" if mb and bmb else "-"
+        lines.append(f"| {name} | {_fmt(s)} | {_fmt(mb, '')} | {_fmt(bs)} | {_fmt(bmb)} | {speed} | {ratio} | {note} |")
     return "\n".join(lines)
 
 
@@ -436,13 +112,14 @@ def main() -> None:
 
     from mllmrec import config as mconfig
     from mllmrec.errors import report_errors
+    from mllmrec.files import write_text_atomic
 
     @hydra.main(version_base="1.3", config_path=str(mconfig.CONF_DIR), config_name="bench")
     @report_errors
     def _main(cfg) -> None:
         result = run_bench(cfg)
         out = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
-        out.write_text(json.dumps(result, indent=2))
+        write_text_atomic(out, json.dumps(result, indent=2))
         print(result["table"])
         print(f"\nbench.json: {out}")
         if result["errors"]:

@@ -1,12 +1,12 @@
-"""Bench rows for the GPU grid (issue 13): the sports epoch with the captured (CUDA graphs) training
-step beside the GEMM floor, and the whole 16-cell alpha x K_c grid through the real CLI,
-sequential (Hydra's basic launcher) vs ``hydra/launcher=parallel`` (joblib) with 4 jobs.
+"""The bench's GPU grid piece (issue 13): the whole 16-cell alpha x K_c grid through the real CLI,
+sequential (Hydra's basic launcher) vs ``hydra/launcher=parallel`` (joblib) with 4 jobs; its rows
+(and the captured-step epoch beside the GEMM floor) are declared in :mod:`mllmrec.bench_table`.
 
 The grid runs ``python -m mllmrec.train -m`` as a user would (early stopping on), on random unit
-inputs (``encoder.model=random``, as the other timing pieces): the stage cache is built once first (``stages.graph``, timed and
-reported on its own row), and both grids then start from it, so the two are compared on equal
-terms; each grid's wall time includes every job's start-up. Opt in with ``grid=true`` (it trains
-16 models twice).
+inputs (``encoder.model=random``, as the other timing pieces): the stage cache is built once first
+(``stages.graph``, timed and reported on its own row), and both grids then start from it, so the
+two are compared on equal terms; each grid's wall time includes every job's start-up. Opt in with
+``grid=true`` (it trains 16 models twice).
 """
 
 from __future__ import annotations
@@ -60,24 +60,6 @@ def piece_grid(data_root, dataset, device="cuda", n_jobs=4, cuda_graphs="false",
             out[f"{label}_error"] = _last_error(proc)
     shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def gpu_rows(run_piece_here, name: str, epochs: int, normal: dict, floor: dict, grid: bool) -> list[tuple]:
-    """Table rows: the captured-step epoch (baseline: the normal step) with the floor, and the grid."""
-    graphed = run_piece_here("train_ours", dataset=name, device="cuda", epochs=epochs, cuda_graphs="true")
-    floor_s = floor.get("seconds")
-    ratio = f"{graphed['epoch_seconds'] / floor_s:.1f}x" if floor_s and graphed.get("epoch_seconds") else "?"
-    rows = [(f"epoch (train+val), {name}, model.cuda_graphs=true", graphed.get("epoch_seconds"), graphed.get("gpu_peak_mb"),
-             normal.get("epoch_seconds"), normal.get("gpu_peak_mb"),
-             f"baseline: cuda_graphs=false; = {ratio} the GEMM floor ({floor_s if floor_s is None else round(floor_s, 4)} s)")]
-    if grid and name == "sports":
-        for graphs in ("false", "true"):
-            g = run_piece_here("grid", dataset=name, device="cuda", cuda_graphs=graphs, timeout=3000)
-            rows.append((f"16-cell grid, {name}, joblib 4 jobs, cuda_graphs={graphs}", g.get("joblib4_seconds"), None,
-                         g.get("sequential_seconds"), None,
-                         f"baseline: sequential; completed {g.get('joblib4_completed')}/{g.get('sequential_completed')}; "
-                         f"stage cache {g.get('stage_cache_seconds', 0):.0f} s before, not included"))
-    return rows
 
 
 if __name__ == "__main__":  # python -m mllmrec.bench_grid <data_root> <dataset> <device> [override ...]

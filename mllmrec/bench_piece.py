@@ -4,7 +4,7 @@ import json
 import logging
 import sys
 
-from mllmrec.bench import PIECES
+from mllmrec.bench_pieces import PIECES
 
 if __name__ == "__main__":
     logging.disable(logging.WARNING)

@@ -40,13 +40,14 @@ def sorted_contains(sorted_keys: torch.Tensor, query: torch.Tensor) -> torch.Ten
     return sorted_keys[pos] == query if sorted_keys.numel() else torch.zeros_like(query, dtype=torch.bool)
 
 
-def rank_topk(scores: torch.Tensor, mask_rows: torch.Tensor, mask_cols: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the top-k items per row after masking out the (row, col) pairs (training items).
+def masked_topk(scores: torch.Tensor, mask_rows: torch.Tensor, mask_cols: torch.Tensor, k: int):
+    """The top-k (values, indices) per row after masking out the (row, col) pairs (training items),
+    best first: the one mask-then-rank step of evaluation and of ``mllmrec.recommend``.
 
-    ``scores`` is modified in place.
+    ``scores`` is modified in place; masked entries score -inf.
     """
     scores.index_put_((mask_rows, mask_cols), torch.tensor(-torch.inf, device=scores.device, dtype=scores.dtype))
-    return torch.topk(scores, min(k, scores.shape[1]), dim=1).indices
+    return torch.topk(scores, min(k, scores.shape[1]), dim=1)
 
 
 def hits_at(topk: torch.Tensor, pos_keys: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -75,6 +76,6 @@ def recall_ndcg(hits: torch.Tensor, n_pos: torch.Tensor, ks=KS) -> dict[str, tor
 
 def evaluate_batch(scores: torch.Tensor, batch: dict[str, torch.Tensor], ks=KS) -> dict[str, torch.Tensor]:
     """Per-user metrics for one evaluation batch of full-ranking scores [B, n_items] (masked in place)."""
-    topk = rank_topk(scores, batch["mask_rows"], batch["mask_cols"], max(ks))
+    topk = masked_topk(scores, batch["mask_rows"], batch["mask_cols"], max(ks)).indices
     hits = hits_at(topk, batch["pos_keys"], scores.shape[1])
     return recall_ndcg(hits, batch["n_pos"], ks)

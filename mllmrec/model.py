@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllmrec.metrics import METRICS, evaluate_batch
+from mllmrec.evaluation import RankingEvaluation
 from mllmrec.static_step import StaticStep, replayable_adam, resolve_mode
 
 if TYPE_CHECKING:
@@ -137,8 +137,8 @@ def lightgcn_layers(adj: "SymmetricGraph", emb: torch.Tensor, layers: int, reduc
     return stacked.sum(0) if reduce == "sum" else stacked.mean(0)
 
 
-class RankingModule(pl.LightningModule):
-    """Shared BPR training loop pieces and full-ranking evaluation.
+class RankingModule(RankingEvaluation, pl.LightningModule):
+    """Shared BPR training loop pieces and full-ranking evaluation (:mod:`mllmrec.evaluation`).
 
     ``optimizer``: a factory of the parameters (see the module doc); None: :func:`adam`'s default.
     """
@@ -149,9 +149,6 @@ class RankingModule(pl.LightningModule):
         super().__init__()
         self.optimizer_factory = optimizer or adam()
         self.best = {"epoch": -1, "val/recall@20": -1.0}
-        self._sums: dict[str, torch.Tensor] = {}
-        self._count = 0
-        self._eval_reprs: tuple[torch.Tensor, torch.Tensor] | None = None  # (h_users, h_items^T)
 
     # subclasses implement these two
     def batch_loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -160,14 +157,6 @@ class RankingModule(pl.LightningModule):
     def representations(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (h_users [n_users, d], h_items [n_items, d])."""
         raise NotImplementedError
-
-    def score_users(self, users: torch.Tensor) -> torch.Tensor:
-        if self._eval_reprs is not None:
-            h_u, h_i_t = self._eval_reprs
-        else:
-            h_u, h_i = self.representations()
-            h_i_t = h_i.T
-        return h_u[users] @ h_i_t
 
     def training_step(self, batch, batch_idx):
         users, pos, neg = batch
@@ -178,45 +167,26 @@ class RankingModule(pl.LightningModule):
     def configure_optimizers(self):
         return self.optimizer_factory(self.parameters())
 
-    # ---- evaluation: one representation pass per epoch, batched scoring ----------------
-    def _eval_start(self):
-        self._sums = {m: torch.zeros((), dtype=torch.float64, device=self.device) for m in METRICS}
-        self._count = 0
-        h_u, h_i = self.representations()
-        self._eval_reprs = (h_u, h_i.T.contiguous())  # items x d -> d x items once: faster GEMMs
-
-    def _eval_step(self, batch):
-        scores = self.score_users(batch["users"])
-        for m, v in evaluate_batch(scores, batch).items():
-            self._sums[m] += v.sum()
-        self._count += int(batch["users"].shape[0])
-
-    def _eval_end(self, prefix: str) -> dict[str, float]:
-        values = {f"{prefix}/{m}": (self._sums[m] / max(self._count, 1)).float() for m in METRICS}
-        for name, value in values.items():
-            self.log(name, value, prog_bar=name.endswith("recall@20"))
-        self._eval_reprs = None
-        return {k: float(v) for k, v in values.items()}
-
+    # ---- evaluation: Lightning's hooks over the public entry (mllmrec/evaluation.py) ------------
     def on_validation_epoch_start(self):
-        self._eval_start()
+        self.begin_evaluation()
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch)
+        self.evaluation_step(batch)
 
     def on_validation_epoch_end(self):
-        values = self._eval_end("val")
+        values = self.end_evaluation("val")
         if not self.trainer.sanity_checking and values["val/recall@20"] > self.best["val/recall@20"]:
             self.best = {"epoch": int(self.current_epoch), **values}
 
     def on_test_epoch_start(self):
-        self._eval_start()
+        self.begin_evaluation()
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch)
+        self.evaluation_step(batch)
 
     def on_test_epoch_end(self):
-        self._eval_end("test")
+        self.end_evaluation("test")
 
     # keep the best-epoch record across checkpoint save/restore (resume)
     def on_save_checkpoint(self, checkpoint):

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from mllmrec import config as mconfig
 from mllmrec.errors import ConfigError, report_errors
-from mllmrec.metrics import pairs_of_rows
+from mllmrec.files import atomic_file
 
 log = logging.getLogger("mllmrec.recommend")
 
@@ -22,22 +22,18 @@ log = logging.getLogger("mllmrec.recommend")
 @torch.no_grad()
 def recommend(model, train_matrix, users: np.ndarray, topk: int, batch_size: int = 4096) -> pd.DataFrame:
     """Top-``topk`` unseen items per user (training items masked out), best first."""
-    n_items = train_matrix.shape[1]
-    h_u, h_i = model.representations()
     frames = []
-    for start in range(0, len(users), batch_size):
-        batch = users[start : start + batch_size]
-        scores = h_u[torch.as_tensor(batch)] @ h_i.T
-        rows, cols = pairs_of_rows(train_matrix, batch)
-        scores[torch.as_tensor(rows), torch.as_tensor(cols)] = -torch.inf
-        k = min(topk, n_items)
-        val, idx = torch.topk(scores, k, dim=1)
-        frames.append(pd.DataFrame({
-            "userID": np.repeat(batch, k),
-            "rank": np.tile(np.arange(1, k + 1), len(batch)),
-            "itemID": idx.numpy().ravel(),
-            "score": val.numpy().ravel(),
-        }))
+    with model.scoring():  # one representation pass for all blocks of users
+        for start in range(0, len(users), batch_size):
+            batch = users[start : start + batch_size]
+            val, idx = model.top_k(batch, topk, train_matrix)
+            k = idx.shape[1]
+            frames.append(pd.DataFrame({
+                "userID": np.repeat(batch, k),
+                "rank": np.tile(np.arange(1, k + 1), len(batch)),
+                "itemID": idx.cpu().numpy().ravel(),
+                "score": val.cpu().numpy().ravel(),
+            }))
     out = pd.concat(frames, ignore_index=True)
     return out[np.isfinite(out["score"])].reset_index(drop=True)  # users who saw (nearly) everything
 
@@ -57,9 +53,8 @@ def main(cfg: DictConfig) -> None:
     if data.meta is not None:
         recs["title"] = [titles[i] for i in recs["itemID"]]
     out = run.path / "recommendations.parquet"
-    tmp = out.with_suffix(".parquet.tmp")
-    recs.to_parquet(tmp, index=False)
-    tmp.replace(out)
+    with atomic_file(out) as tmp:
+        recs.to_parquet(tmp, index=False)
     log.info("%d recommendations for %d users (top-%d, training items excluded) -> %s",
              len(recs), len(users), int(cfg.topk), out)
 

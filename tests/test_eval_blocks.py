@@ -63,12 +63,9 @@ def dense_reference(h_u, h_i, train, held, users) -> dict[str, float]:
 
 def blockwise(h_u, h_i, train, held, users, block: int, device: str = "cpu"):
     model = FixedReprs(torch.from_numpy(h_u), torch.from_numpy(h_i)).to(device)
-    model._eval_start()
-    for start in range(0, len(users), block):
-        batch = make_eval_batch(users[start : start + block], train, held)
-        model._eval_step({k: v.to(device) for k, v in batch.items()})
-    values = model._eval_end("val")
-    return {m: values[f"val/{m}"] for m in METRICS}, model.score_shapes
+    batches = (make_eval_batch(users[start : start + block], train, held) for start in range(0, len(users), block))
+    values = model.evaluate({k: v.to(device) for k, v in batch.items()} for batch in batches)
+    return {m: values[m] for m in METRICS}, model.score_shapes
 
 
 @pytest.mark.parametrize("block", [7, 32, 1000])

@@ -35,13 +35,13 @@ class Scripted(RankingModule):
         self.trained_in_epoch.fill_(float(self.current_epoch))
         return (self.w ** 2).sum()
 
-    def _eval_start(self):
+    def begin_evaluation(self):
         pass
 
-    def _eval_step(self, batch):
+    def evaluation_step(self, batch):
         pass
 
-    def _eval_end(self, prefix):
+    def end_evaluation(self, prefix):
         if prefix == "val":
             self.val_epochs.append(int(self.current_epoch))
             value = self.script[self.current_epoch]

@@ -1,0 +1,94 @@
+"""Full-ranking evaluation and top-K ranking of a model that scores y_ui = h_u . h_i.
+
+:class:`RankingEvaluation` is the one public entry that Lightning's validation/test hooks
+(:class:`mllmrec.model.RankingModule`), :mod:`mllmrec.bench` and :mod:`mllmrec.recommend` use:
+one representation pass, then the users scored in blocks, each block's training items masked
+and the rest ranked by :func:`mllmrec.metrics.masked_topk`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from mllmrec.metrics import METRICS, evaluate_batch, masked_topk, pairs_of_rows
+
+
+class RankingEvaluation:
+    """Mixin of :class:`mllmrec.model.RankingModule`: needs ``representations()``, ``device`` and
+    ``log`` (a LightningModule's)."""
+
+    _eval_reprs: tuple[torch.Tensor, torch.Tensor] | None = None  # (h_users, h_items^T) of one pass
+
+    def score_users(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores [len(users), n_items]; inside a pass (:meth:`scoring`, an evaluation) from its
+        representations, else from a fresh ``representations()``."""
+        if self._eval_reprs is not None:
+            h_u, h_i_t = self._eval_reprs
+        else:
+            h_u, h_i = self.representations()
+            h_i_t = h_i.T
+        return h_u[users] @ h_i_t
+
+    @contextmanager
+    def scoring(self):
+        """Within it, :meth:`score_users` and :meth:`top_k` reuse one representation pass."""
+        self._cache_representations()
+        try:
+            yield self
+        finally:
+            self._eval_reprs = None
+
+    def _cache_representations(self) -> None:
+        h_u, h_i = self.representations()
+        self._eval_reprs = (h_u, h_i.T.contiguous())  # items x d -> d x items once: faster GEMMs
+
+    @torch.no_grad()
+    def top_k(self, users: np.ndarray, k: int, train_matrix: sp.spmatrix) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, items) of the ``k`` best items per user, training items masked out, best first.
+
+        Call it inside :meth:`scoring` when ranking the users in several blocks.
+        """
+        rows, cols = pairs_of_rows(train_matrix, users)
+        scores = self.score_users(torch.as_tensor(users, device=self.device))
+        values, items = masked_topk(scores, torch.as_tensor(rows, device=scores.device),
+                                    torch.as_tensor(cols, device=scores.device), k)
+        return values, items
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Mean Recall/NDCG@K, by metric name, over the users of prebuilt evaluation batches
+        (:func:`mllmrec.metrics.make_eval_batch`, on the model's device)."""
+        self.begin_evaluation()
+        for batch in batches:
+            self.evaluation_step(batch)
+        return {m: float(v) for m, v in self._evaluation_means().items()}
+
+    def begin_evaluation(self) -> None:
+        """Start a pass over evaluation batches: zero the sums, compute the representations once."""
+        self._sums = {m: torch.zeros((), dtype=torch.float64, device=self.device) for m in METRICS}
+        self._count = 0
+        self._cache_representations()
+
+    def evaluation_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """Score, mask and rank one batch's users; add their metrics to the pass."""
+        scores = self.score_users(batch["users"])
+        for m, v in evaluate_batch(scores, batch).items():
+            self._sums[m] += v.sum()
+        self._count += int(batch["users"].shape[0])
+
+    def _evaluation_means(self) -> dict[str, torch.Tensor]:
+        """End the pass: each metric's mean over its users (float64)."""
+        self._eval_reprs = None
+        return {m: self._sums[m] / max(self._count, 1) for m in METRICS}
+
+    def end_evaluation(self, prefix: str) -> dict[str, float]:
+        """End the pass and log its means as ``<prefix>/<metric>`` (float32, as logged); return them."""
+        values = {f"{prefix}/{m}": v.float() for m, v in self._evaluation_means().items()}
+        for name, value in values.items():
+            self.log(name, value, prog_bar=name.endswith("recall@20"))
+        return {k: float(v) for k, v in values.items()}
