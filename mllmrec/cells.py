@@ -18,7 +18,7 @@ import pandas as pd
 METRIC_COLUMNS = (
     "val/recall@10", "val/recall@20", "val/ndcg@10", "val/ndcg@20",
     "test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20",
-    "best_epoch", "epochs", "fit_seconds",
+    "best_epoch", "epochs", "fit_seconds", "seconds_per_epoch",
 )
 SELECT = "val/recall@20"
 NOT_SETTINGS = ("job", "overrides", "status", "error", "seed", *METRIC_COLUMNS,

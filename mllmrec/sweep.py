@@ -169,31 +169,42 @@ def _table_value(cell: pd.Series, metric: str, with_n: bool):
     return f"{mean_std(cell, metric)} ({cell['n']})"
 
 
-def ablation_table(cells: pd.DataFrame, sweep_dir: Path) -> Path:
-    """Table-2-like summary, one row per variant (cell): test R@20 / N@20 and the validation R@20
-    used to select; ``mean ± std (n)`` over the seeds when seeds were swept."""
+MODEL_LABELS = {
+    "mllmrec": "MLLMRec", "bpr": "BPR", "lightgcn": "LightGCN", "vbpr": "VBPR",
+    "lattice": "LATTICE", "freedom": "FREEDOM", "lgmrec": "LGMRec",
+}
+TABLES = (  # (swept key, file stem, row labels): experiment=ablation (Table 2), experiment=baselines (Table 1)
+    ("variant", "ablation", VARIANT_LABELS),
+    ("model", "models", MODEL_LABELS),
+)
+
+
+def comparison_table(cells: pd.DataFrame, sweep_dir: Path, key: str, stem: str, labels: dict) -> Path:
+    """One row per cell, named by its ``key`` value (the paper's Table 1 for ``model``, Table 2 for
+    ``variant``): test R@20 / N@20, the validation R@20 used to select, best epoch and seconds per
+    epoch; ``mean ± std (n)`` over the seeds when seeds were swept. Writes ``<stem>.md`` and
+    ``<stem>.csv``."""
     with_n = bool((cells["n"] > 1).any())
-    others = [c for c in setting_columns(cells) if c != "variant" and varying(cells, c)]
+    others = [c for c in setting_columns(cells) if c != key and varying(cells, c)]
+    metrics = (("R@20", "test/recall@20"), ("N@20", "test/ndcg@20"), ("val R@20", "val/recall@20"))
     rows, numbers = [], []
     for _, c in cells.iterrows():
-        head = {"variant": VARIANT_LABELS.get(str(c["variant"]), str(c["variant"])), **{k: fmt_value(c[k]) for k in others}}
-        rows.append({**head, "R@20": _table_value(c, "test/recall@20", with_n), "N@20": _table_value(c, "test/ndcg@20", with_n),
-                     "val R@20": _table_value(c, "val/recall@20", with_n),
+        head = {key: labels.get(str(c[key]), str(c[key])), **{k: fmt_value(c[k]) for k in others}}
+        rows.append({**head, **{label: _table_value(c, m, with_n) for label, m in metrics},
                      "best epoch": (round(float(c["best_epoch_mean"]), 1) if with_n else c["best_epoch_mean"]) if c["n"] else None,
+                     "s/epoch": round(float(c["seconds_per_epoch_mean"]), 2) if c["n"] else None,
                      "status": _cell_status(c)})
-        numbers.append({**head, **{f"{label}{suffix}": c[f"{m}{suffix}"] for label, m in
-                                   (("R@20", "test/recall@20"), ("N@20", "test/ndcg@20"), ("val R@20", "val/recall@20"))
-                                   for suffix in ("_mean", "_std")},
-                        "best epoch": c["best_epoch_mean"], "n": c["n"], "status": _cell_status(c)})
-    write_csv(pd.DataFrame(numbers), sweep_dir / "ablation.csv")
+        numbers.append({**head, **{f"{label}{suffix}": c[f"{m}{suffix}"] for label, m in metrics for suffix in ("_mean", "_std")},
+                        "best epoch": c["best_epoch_mean"], "s/epoch": c["seconds_per_epoch_mean"],
+                        "n": c["n"], "status": _cell_status(c)})
+    write_csv(pd.DataFrame(numbers), sweep_dir / f"{stem}.csv")
     table = pd.DataFrame(rows)
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in r) + " |")
-    path = sweep_dir / "ablation.md"
-    path.write_text("\n".join(lines) + "\n")
+    path = write_text_atomic(sweep_dir / f"{stem}.md", "\n".join(lines) + "\n")
     note = " (mean ± std (n) over seeds)" if with_n else ""
-    log.info("ablation (test metrics at the best validation epoch%s):\n%s", note, "\n".join(lines))
+    log.info("%s (test metrics at the best validation epoch%s):\n%s", stem, note, "\n".join(lines))
     return path
 
 
@@ -310,8 +321,9 @@ class SweepSummary(Callback):
         plot = None
         if any(varying(df, a) for a in AXES):
             plot = plot_heatmap(cells, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c")
-        if varying(df, "variant"):
-            ablation_table(cells, sweep_dir)
+        for key, stem, labels in TABLES:
+            if varying(df, key):
+                comparison_table(cells, sweep_dir, key, stem, labels)
         if varying(df, "graph.refine"):  # experiment=plug_in: the paper's Figure 3
             from mllmrec.mm.plug_in import summarize_plug_in
 

@@ -38,7 +38,7 @@ def write_job(sweep, num, overrides, cfg, metrics):
 def metrics_of(val, test, **extra):
     return {"status": "completed", "val/recall@20": val, "test/recall@20": test, "val/recall@10": val / 2,
             "val/ndcg@10": val / 3, "val/ndcg@20": val / 2.5, "test/recall@10": test / 2, "test/ndcg@10": test / 3,
-            "test/ndcg@20": test / 2.5, "best_epoch": 3, "epochs": 24, "fit_seconds": 1.5, **extra}
+            "test/ndcg@20": test / 2.5, "best_epoch": 3, "epochs": 24, "fit_seconds": 1.5, "seconds_per_epoch": 0.0625, **extra}
 
 
 def fake_grid(sweep):
@@ -200,6 +200,32 @@ def test_ablation_rows_are_mean_std_n_over_seeds(tmp_path, caplog):
     table = pd.read_csv(sweep / "ablation.csv")
     assert list(table["n"]) == [2, 2]
     assert table["R@20_std"].tolist() == pytest.approx([np.std(v, ddof=1) for v in runs.values()])
+
+
+def test_models_table_is_table_one_over_seeds(tmp_path, caplog):
+    """experiment=baselines: one row per model, mean ± std (n) over seeds against numpy, and the
+    mean seconds per epoch."""
+    sweep = tmp_path / "sweep"
+    runs = {"freedom": ((0.15, 0.146, 0.6), (0.16, 0.148, 0.7)), "bpr": ((0.09, 0.088, 0.2), (0.092, 0.085, 0.26))}
+    num = 0
+    for model, by_seed in runs.items():
+        for seed, (val, test, spe) in zip((999, 1), by_seed):
+            write_job(sweep, num, [f"model={model}", f"seed={seed}"], {"seed": seed, "graph": {"alpha": 0.7, "k_c": 10}},
+                      metrics_of(val, test, seconds_per_epoch=spe))
+            num += 1
+    run_summary(sweep, caplog)
+    md = (sweep / "models.md").read_text()
+    assert not (sweep / "ablation.md").exists()
+    for model, label in (("freedom", "FREEDOM"), ("bpr", "BPR")):
+        test, val, spe = (np.array([r[i] for r in runs[model]]) for i in (1, 0, 2))
+        row = next(ln for ln in md.splitlines() if ln.startswith(f"| {label} |"))
+        assert f"{test.mean():.4f} ± {test.std(ddof=1):.4f} (2)" in row, row
+        assert f"{val.mean():.4f} ± {val.std(ddof=1):.4f} (2)" in row, row
+        assert f"| {spe.mean():.2f} |" in row, row
+    table = pd.read_csv(sweep / "models.csv")
+    assert table["model"].tolist() == ["FREEDOM", "BPR"] and table["n"].tolist() == [2, 2]
+    assert table["s/epoch"].tolist() == pytest.approx([0.65, 0.23])
+    assert "models (test metrics at the best validation epoch (mean ± std (n) over seeds)" in caplog.text
 
 
 def test_dim_sweep_plot_with_seeds(tmp_path, caplog):
