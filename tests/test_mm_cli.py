@@ -61,3 +61,21 @@ def test_plug_in_table_means_over_seeds_and_gain():
     assert abs(row["vanilla test/recall@20"] - 0.11) < 1e-12
     assert abs(row["refined test/recall@20"] - 0.125) < 1e-12
     assert abs(row["R@20 gain %"] - 100 * (0.125 / 0.11 - 1)) < 1e-9
+
+
+@pytest.mark.slow
+def test_baselines_experiment_writes_table_one(tiny_dir, tmp_path):
+    """experiment=baselines: one job per model at the configured alpha/K_c (not the grid), and
+    models.md with a row per model."""
+    sweep = tmp_path / "sweep"
+    proc = run_module("mllmrec.train", *tiny_overrides(tmp_path, "experiment=baselines", "trainer.max_epochs=1",
+                                                       "logger=none", data_dir=tiny_dir, sweep=sweep), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert sorted(summary["model"]) == sorted(["mllmrec", "bpr", "lightgcn", "vbpr", "lattice", "freedom", "lgmrec"])
+    assert (summary["status"] == "completed").all()
+    table = pd.read_csv(sweep / "models.csv")
+    assert table["model"].tolist() == ["MLLMRec", "BPR", "LightGCN", "VBPR", "LATTICE", "FREEDOM", "LGMRec"]
+    assert table["n"].tolist() == [1] * 7 and table["s/epoch"].gt(0).all()
+    rows = [ln for ln in (sweep / "models.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == 1 + 7
