@@ -4,7 +4,7 @@ sequential (Hydra's basic launcher) vs ``hydra/launcher=parallel`` (joblib) with
 
 The grid runs ``python -m mllmrec.train -m`` as a user would (early stopping on), on random unit
 inputs (``encoder.model=random``, as the other timing pieces): the stage cache is built once first
-(``stages.graph``, timed and reported on its own row), and both grids then start from it, so the
+(``stages.graph``, timed and given in the grid row's note), and both grids then start from it, so the
 two are compared on equal terms; each grid's wall time includes every job's start-up. Opt in with
 ``grid=true`` (it trains 16 models twice).
 """
@@ -42,23 +42,25 @@ def piece_grid(data_root, dataset, device="cuda", n_jobs=4, cuda_graphs="false",
     common = [f"dataset={dataset}", f"dataset.data_dir={Path(data_root) / dataset}", f"paths.output_dir={work}",
               f"paths.cache_dir={work / 'cache'}", "encoder.model=random", "logger=none", "trainer.enable_progress_bar=false",
               f"trainer.accelerator={'gpu' if device == 'cuda' else 'cpu'}"]
-    stage_s, proc = _cli("stages.graph", [*common, f"hydra.run.dir={work / 'stage'}"], timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"stages.graph failed: {_last_error(proc)}")
-    out = {"stage_cache_seconds": stage_s}
-    for label, launcher in (("sequential", []), (f"joblib{n_jobs}", ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}"])):
-        sweep = work / label
-        seconds, proc = _cli("mllmrec.train", [*common, f"model.cuda_graphs={cuda_graphs}", f"hydra.sweep.dir={sweep}",
-                                               *extra, *launcher, "-m"], timeout)
-        summary = sweep / "summary.csv"
-        df = pd.read_csv(summary) if summary.is_file() else None
-        out[f"{label}_seconds"] = seconds
-        out[f"{label}_completed"] = int((df["status"] == "completed").sum()) if df is not None else 0
-        out[f"{label}_best_val_recall@20"] = float(df["val/recall@20"].max()) if df is not None else None
-        out[f"{label}_epochs_total"] = int(df["epochs"].sum()) if df is not None else None
+    try:
+        stage_s, proc = _cli("stages.graph", [*common, f"hydra.run.dir={work / 'stage'}"], timeout)
         if proc.returncode != 0:
-            out[f"{label}_error"] = _last_error(proc)
-    shutil.rmtree(work, ignore_errors=True)
+            raise RuntimeError(f"stages.graph failed: {_last_error(proc)}")
+        out = {"stage_cache_seconds": stage_s}
+        for label, launcher in (("sequential", []), (f"joblib{n_jobs}", ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}"])):
+            sweep = work / label
+            seconds, proc = _cli("mllmrec.train", [*common, f"model.cuda_graphs={cuda_graphs}", f"hydra.sweep.dir={sweep}",
+                                                   *extra, *launcher, "-m"], timeout)
+            summary = sweep / "summary.csv"
+            df = pd.read_csv(summary) if summary.is_file() else None
+            out[f"{label}_seconds"] = seconds
+            out[f"{label}_completed"] = int((df["status"] == "completed").sum()) if df is not None else 0
+            out[f"{label}_best_val_recall@20"] = float(df["val/recall@20"].max()) if df is not None else None
+            out[f"{label}_epochs_total"] = int(df["epochs"].sum()) if df is not None else None
+            if proc.returncode != 0:
+                out[f"{label}_error"] = _last_error(proc)
+    finally:  # the work folder goes whatever happens (a failed stage, a timeout)
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 

@@ -43,6 +43,7 @@ class RankingEvaluation:
         finally:
             self._eval_reprs = None
 
+    @torch.no_grad()
     def _cache_representations(self) -> None:
         h_u, h_i = self.representations()
         self._eval_reprs = (h_u, h_i.T.contiguous())  # items x d -> d x items once: faster GEMMs
@@ -64,8 +65,12 @@ class RankingEvaluation:
         """Mean Recall/NDCG@K, by metric name, over the users of prebuilt evaluation batches
         (:func:`mllmrec.metrics.make_eval_batch`, on the model's device)."""
         self.begin_evaluation()
-        for batch in batches:
-            self.evaluation_step(batch)
+        try:
+            for batch in batches:
+                self.evaluation_step(batch)
+        except BaseException:
+            self._eval_reprs = None  # a failed pass leaves no stale representations behind
+            raise
         return {m: float(v) for m, v in self._evaluation_means().items()}
 
     def begin_evaluation(self) -> None:

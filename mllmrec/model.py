@@ -230,8 +230,6 @@ class MLLMRecModule(RankingModule):
         self.item_tower = Tower(self.item_feat.shape[1], d1, d, init)
         self.ui_layers = int(ui_layers)
         if self.ui_layers > 0:
-            if inputs.data is None:
-                raise ValueError("model.ui_layers > 0 needs the training interaction matrix")
             self.ui_adj = bipartite_norm_adj(inputs.data.train_matrix)
         self._static: StaticStep | None = None  # model.cuda_graphs: the static-shape (captured) step
         self._steps_of: int | None = None  # its batch size when the datamodule hands over whole epochs

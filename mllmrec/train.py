@@ -69,7 +69,7 @@ def prepare_inputs(cfg: DictConfig) -> Inputs:
 def build_model(cfg: DictConfig, inputs: Inputs) -> pl.LightningModule:
     """``cfg.model`` instantiated (its ``optimizer`` node as a factory) and called with ``inputs``."""
     if "optimizer" not in cfg.model:
-        raise ConfigError("model.optimizer", "missing (a config written before model.lr moved to model.optimizer.lr)")
+        raise ConfigError("model.optimizer", "missing: every model needs an optimizer node (conf/model/*.yaml)")
     return instantiate(cfg.model, _partial_=True)(inputs)
 
 
@@ -127,11 +127,6 @@ def changed_keys(old, new, prefix: str = "") -> list[str]:
             out += changed_keys(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def same_config(out_dir: Path, fingerprint: str) -> bool:
-    record = read_fingerprint(out_dir)
-    return record is None or record["fingerprint"] == fingerprint
 
 
 def _config_change(cfg: DictConfig, out_dir: Path, fingerprint: str) -> str | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from mllmrec.cells import summarize_cells
+from mllmrec.files import write_text_atomic
 
 log = logging.getLogger("mllmrec.plug_in")
 
@@ -80,7 +81,7 @@ def plot_plug_in(table: pd.DataFrame, path: Path, title: str = "") -> Path | Non
 def summarize_plug_in(df: pd.DataFrame, sweep_dir: Path, dataset: str = "") -> Path | None:
     """plug_in.csv + plug_in.png in the sweep folder; returns the chart's path."""
     table = plug_in_table(df)
-    table.to_csv(sweep_dir / "plug_in.csv", index=False)
+    write_text_atomic(sweep_dir / "plug_in.csv", table.to_csv(index=False))
     log.info("plug-in refinement (test R@20, vanilla -> refined): %s", " | ".join(
         f"{r['model']} {r['vanilla test/recall@20']:.4f} -> {r['refined test/recall@20']:.4f} ({r['R@20 gain %']:+.1f}%)"
         for _, r in table.iterrows()))
