@@ -173,20 +173,23 @@ MODEL_LABELS = {
     "mllmrec": "MLLMRec", "bpr": "BPR", "lightgcn": "LightGCN", "vbpr": "VBPR",
     "lattice": "LATTICE", "freedom": "FREEDOM", "lgmrec": "LGMRec",
 }
-TABLES = (  # (swept key, file stem, row labels): experiment=ablation (Table 2), experiment=baselines (Table 1)
-    ("variant", "ablation", VARIANT_LABELS),
-    ("model", "models", MODEL_LABELS),
+R20 = (("R@20", "test/recall@20"), ("N@20", "test/ndcg@20"))
+AT_10 = (("R@10", "test/recall@10"), ("N@10", "test/ndcg@10"))
+SELECTED_BY = (("val R@20", "val/recall@20"),)
+TABLES = (  # (swept key, file stem, row labels, columns): the paper's Table 2 and Table 1 layouts
+    ("variant", "ablation", VARIANT_LABELS, (*R20, *SELECTED_BY)),
+    ("model", "models", MODEL_LABELS, (*AT_10, *R20, *SELECTED_BY)),
 )
 
 
-def comparison_table(cells: pd.DataFrame, sweep_dir: Path, key: str, stem: str, labels: dict) -> Path:
+def comparison_table(cells: pd.DataFrame, sweep_dir: Path, key: str, stem: str, labels: dict,
+                     metrics: tuple = (*R20, *SELECTED_BY)) -> Path:
     """One row per cell, named by its ``key`` value (the paper's Table 1 for ``model``, Table 2 for
-    ``variant``): test R@20 / N@20, the validation R@20 used to select, best epoch and seconds per
-    epoch; ``mean ± std (n)`` over the seeds when seeds were swept. Writes ``<stem>.md`` and
-    ``<stem>.csv``."""
+    ``variant``): the test ``metrics`` (label, metric) and the validation R@20 used to select, best
+    epoch and seconds per epoch; ``mean ± std (n)`` over the seeds when seeds were swept. Writes
+    ``<stem>.md`` and ``<stem>.csv``."""
     with_n = bool((cells["n"] > 1).any())
     others = [c for c in setting_columns(cells) if c != key and varying(cells, c)]
-    metrics = (("R@20", "test/recall@20"), ("N@20", "test/ndcg@20"), ("val R@20", "val/recall@20"))
     rows, numbers = [], []
     for _, c in cells.iterrows():
         head = {key: labels.get(str(c[key]), str(c[key])), **{k: fmt_value(c[k]) for k in others}}
@@ -321,9 +324,9 @@ class SweepSummary(Callback):
         plot = None
         if any(varying(df, a) for a in AXES):
             plot = plot_heatmap(cells, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c")
-        for key, stem, labels in TABLES:
+        for key, stem, labels, metrics in TABLES:
             if varying(df, key):
-                comparison_table(cells, sweep_dir, key, stem, labels)
+                comparison_table(cells, sweep_dir, key, stem, labels, metrics)
         if varying(df, "graph.refine"):  # experiment=plug_in: the paper's Figure 3
             from mllmrec.mm.plug_in import summarize_plug_in
 

@@ -222,8 +222,11 @@ def test_models_table_is_table_one_over_seeds(tmp_path, caplog):
         assert f"{test.mean():.4f} ± {test.std(ddof=1):.4f} (2)" in row, row
         assert f"{val.mean():.4f} ± {val.std(ddof=1):.4f} (2)" in row, row
         assert f"| {spe.mean():.2f} |" in row, row
+        r10 = test / 2  # metrics_of: test R@10 = R@20 / 2
+        assert row.startswith(f"| {label} | {r10.mean():.4f} ± {r10.std(ddof=1):.4f} (2) |"), row  # Table 1: R@10 first
     table = pd.read_csv(sweep / "models.csv")
     assert table["model"].tolist() == ["FREEDOM", "BPR"] and table["n"].tolist() == [2, 2]
+    assert list(table.columns[1:6:2]) == ["R@10_mean", "N@10_mean", "R@20_mean"]
     assert table["s/epoch"].tolist() == pytest.approx([0.65, 0.23])
     assert "models (test metrics at the best validation epoch (mean ± std (n) over seeds)" in caplog.text
 
