@@ -61,6 +61,8 @@ def test_plug_in_table_means_over_seeds_and_gain():
     assert abs(row["vanilla test/recall@20"] - 0.11) < 1e-12
     assert abs(row["refined test/recall@20"] - 0.125) < 1e-12
     assert abs(row["R@20 gain %"] - 100 * (0.125 / 0.11 - 1)) < 1e-9
+    assert row["vanilla test/recall@20 std"] == pytest.approx(np.std([0.10, 0.12], ddof=1))
+    assert row["refined test/recall@20 std"] == pytest.approx(np.std([0.12, 0.13], ddof=1))
 
 
 @pytest.mark.slow
