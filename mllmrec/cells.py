@@ -110,3 +110,7 @@ def slice_at(cells: pd.DataFrame, anchor: pd.Series | None, keep: tuple[str, ...
         if col not in keep and col in anchor and cells[col].astype(str).nunique() > 1:
             mask &= cells[col].astype(str) == str(anchor[col])
     return cells[mask]
+
+
+def varying(df: pd.DataFrame, key: str) -> bool:
+    return key in df and df[key].astype(str).nunique() > 1

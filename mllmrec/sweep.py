@@ -17,8 +17,9 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mllmrec.cells import METRIC_COLUMNS, RULE, SELECT, best_cell, fmt_value, mean_std, setting_columns, slice_at, summarize_cells
+from mllmrec.cells import METRIC_COLUMNS, RULE, SELECT, best_cell, mean_std, setting_columns, slice_at, summarize_cells, varying
 from mllmrec.files import write_text_atomic
+from mllmrec.tables import TABLES, comparison_table
 
 log = logging.getLogger("mllmrec.sweep")
 
@@ -141,73 +142,6 @@ def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "") -> Path | Non
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
-
-
-VARIANT_LABELS = {
-    "full": "MLLMRec", "wo_rs": "w/o RS", "wo_gd": "w/o GD", "wo_te": "w/o TE",
-    "wo_gcn_ii": "w/o GCN_II", "w_gcn_ui": "w/ GCN_UI",
-}
-
-
-def varying(df: pd.DataFrame, key: str) -> bool:
-    return key in df and df[key].astype(str).nunique() > 1
-
-
-def _cell_status(cell: pd.Series) -> str:
-    if not cell["failed"]:
-        return "completed"
-    return "failed" if not cell["n"] else f"{cell['failed']} of {cell['n'] + cell['failed']} failed"
-
-
-def _table_value(cell: pd.Series, metric: str, with_n: bool):
-    """A number as today with one seed per cell; ``mean ± std (n)`` once seeds are swept."""
-    if not cell["n"]:
-        return None
-    if not with_n:
-        return round(float(cell[f"{metric}_mean"]), 4)
-    return f"{mean_std(cell, metric)} ({cell['n']})"
-
-
-MODEL_LABELS = {
-    "mllmrec": "MLLMRec", "bpr": "BPR", "lightgcn": "LightGCN", "vbpr": "VBPR",
-    "lattice": "LATTICE", "freedom": "FREEDOM", "lgmrec": "LGMRec",
-}
-R20 = (("R@20", "test/recall@20"), ("N@20", "test/ndcg@20"))
-AT_10 = (("R@10", "test/recall@10"), ("N@10", "test/ndcg@10"))
-SELECTED_BY = (("val R@20", "val/recall@20"),)
-TABLES = (  # (swept key, file stem, row labels, columns): the paper's Table 2 and Table 1 layouts
-    ("variant", "ablation", VARIANT_LABELS, (*R20, *SELECTED_BY)),
-    ("model", "models", MODEL_LABELS, (*AT_10, *R20, *SELECTED_BY)),
-)
-
-
-def comparison_table(cells: pd.DataFrame, sweep_dir: Path, key: str, stem: str, labels: dict,
-                     metrics: tuple = (*R20, *SELECTED_BY)) -> Path:
-    """One row per cell, named by its ``key`` value (the paper's Table 1 for ``model``, Table 2 for
-    ``variant``): the test ``metrics`` (label, metric) and the validation R@20 used to select, best
-    epoch and seconds per epoch; ``mean ± std (n)`` over the seeds when seeds were swept. Writes
-    ``<stem>.md`` and ``<stem>.csv``."""
-    with_n = bool((cells["n"] > 1).any())
-    others = [c for c in setting_columns(cells) if c != key and varying(cells, c)]
-    rows, numbers = [], []
-    for _, c in cells.iterrows():
-        head = {key: labels.get(str(c[key]), str(c[key])), **{k: fmt_value(c[k]) for k in others}}
-        rows.append({**head, **{label: _table_value(c, m, with_n) for label, m in metrics},
-                     "best epoch": (round(float(c["best_epoch_mean"]), 1) if with_n else c["best_epoch_mean"]) if c["n"] else None,
-                     "s/epoch": round(float(c["seconds_per_epoch_mean"]), 2) if c["n"] else None,
-                     "status": _cell_status(c)})
-        numbers.append({**head, **{f"{label}{suffix}": c[f"{m}{suffix}"] for label, m in metrics for suffix in ("_mean", "_std")},
-                        "best epoch": c["best_epoch_mean"], "s/epoch": c["seconds_per_epoch_mean"],
-                        "n": c["n"], "status": _cell_status(c)})
-    write_csv(pd.DataFrame(numbers), sweep_dir / f"{stem}.csv")
-    table = pd.DataFrame(rows)
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    for _, r in table.iterrows():
-        lines.append("| " + " | ".join("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in r) + " |")
-    path = write_text_atomic(sweep_dir / f"{stem}.md", "\n".join(lines) + "\n")
-    note = " (mean ± std (n) over seeds)" if with_n else ""
-    log.info("%s (test metrics at the best validation epoch%s):\n%s", stem, note, "\n".join(lines))
     return path
 
 
