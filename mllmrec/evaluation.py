@@ -68,9 +68,8 @@ class RankingEvaluation:
         try:
             for batch in batches:
                 self.evaluation_step(batch)
-        except BaseException:
-            self._eval_reprs = None  # a failed pass leaves no stale representations behind
-            raise
+        finally:
+            self._eval_reprs = None  # a failed pass leaves no stale representations behind either
         return {m: float(v) for m, v in self._evaluation_means().items()}
 
     def begin_evaluation(self) -> None:

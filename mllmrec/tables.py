@@ -49,8 +49,7 @@ TABLES = (  # (swept key, file stem, row labels, columns): the paper's Table 2 a
 )
 
 
-def comparison_table(cells: pd.DataFrame, sweep_dir: Path, key: str, stem: str, labels: dict,
-                     metrics: tuple = (*R20, *SELECTED_BY)) -> Path:
+def comparison_table(cells: pd.DataFrame, sweep_dir: Path, key: str, stem: str, labels: dict, metrics: tuple) -> Path:
     """One row per cell, named by its ``key`` value (the paper's Table 1 for ``model``, Table 2 for
     ``variant``): the test ``metrics`` (label, metric) and the validation R@20 used to select, best
     epoch and seconds per epoch; ``mean ± std (n)`` over the seeds when seeds were swept. Writes
