@@ -8,15 +8,17 @@ and hands each stage (:mod:`mllmrec.stages`) its own config node and explicit in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
-import numpy as np
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from mllmrec import config as mconfig
-from mllmrec.cache import Artifact, ArtifactCache
+from mllmrec.cache import ArtifactCache
 from mllmrec.data import RecData, load_dataset
-from mllmrec.mm.features import feature_files, load_modalities
+from mllmrec.errors import ConfigError
+from mllmrec.metrics import EvalSpec
+from mllmrec.models.base import Inputs
+from mllmrec.models.modalities import feature_files, load_modalities
 from mllmrec.stages import describe, encode, graph, reason
 from mllmrec.texts import item_texts
 from mllmrec.vectors import random_unit_rows
@@ -24,15 +26,6 @@ from mllmrec.vectors import random_unit_rows
 log = logging.getLogger(__name__)
 
 STAGE_ORDER = ("describe", "reason", "encode", "graph")
-
-
-@dataclass
-class Inputs:
-    data: RecData
-    user_features: np.ndarray | None = None
-    item_features: np.ndarray | None = None  # E*, the propagated item features
-    modalities: dict[str, np.ndarray] | None = None  # raw item modality features (multimodal baselines)
-    artifacts: dict[str, Artifact] = field(default_factory=dict)
 
 
 def load_data(cfg: DictConfig) -> RecData:
@@ -99,6 +92,29 @@ def modality_inputs(cfg: DictConfig) -> Inputs:
         log.info("text modality: the encode stage's item embeddings (%s)", cfg.encoder.model)
     inputs.item_features = inputs.user_features = None  # the models take the modalities only
     return inputs
+
+
+def prepare_inputs(cfg: DictConfig) -> Inputs:
+    """Data plus the inputs the model class declares it needs (``needs``, see :mod:`mllmrec.models.base`):
+    ``"features"``: the stage artifacts (reason -> encode -> graph); ``"modalities"``: the item
+    modality features; ``"ids"``: the interactions only."""
+    needs = get_class(cfg.model._target_).needs
+    if needs == "features":
+        return build_inputs(cfg)
+    if needs == "modalities":
+        return modality_inputs(cfg)
+    mconfig.validate(cfg)
+    return Inputs(load_data(cfg))
+
+
+def build_model(cfg: DictConfig, inputs: Inputs):
+    """``cfg.model`` instantiated (its ``optimizer`` node as a factory), called with ``inputs``, and
+    given the run's evaluation settings (``cfg.eval``)."""
+    if "optimizer" not in cfg.model:
+        raise ConfigError("model.optimizer", "missing: every model needs an optimizer node (conf/model/*.yaml)")
+    model = instantiate(cfg.model, _partial_=True)(inputs)
+    model.eval_spec = EvalSpec.from_config(cfg.get("eval"))
+    return model
 
 
 def stage_cli(stage: str) -> None:

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from mm_planted import planted_data
 
 
@@ -29,8 +28,8 @@ def heldout_moved(data):
 
 def built_and_trained(compose_cfg, overrides, data, mods):
     from mllmrec.datamodule import RecDataModule
-    from mllmrec.pipeline import Inputs
-    from mllmrec.train import build_model
+    from mllmrec.models.base import Inputs
+    from mllmrec.pipeline import build_model
 
     cfg = compose_cfg(*overrides)
     torch.manual_seed(0)

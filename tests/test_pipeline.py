@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from test_graph import dense_cosine, dense_reference
 
 from mllmrec import config as mconfig
 from mllmrec.cache import ArtifactCache
@@ -15,7 +16,6 @@ from mllmrec.data import TRAIN
 from mllmrec.datamodule import sample_negatives
 from mllmrec.errors import ConfigError
 from mllmrec.texts import item_texts
-from test_graph import dense_cosine, dense_reference
 
 
 # ---------------------------------------------------------------- texts

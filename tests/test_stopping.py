@@ -18,8 +18,10 @@ from omegaconf import OmegaConf
 
 from mllmrec.config import CONF_DIR
 from mllmrec.datamodule import BatchList
-from mllmrec.metrics import METRICS
-from mllmrec.model import RankingModule
+from mllmrec.metrics import EvalSpec
+from mllmrec.models.base import RankingModule
+
+METRICS = EvalSpec.default().names
 
 
 class Scripted(RankingModule):
@@ -66,6 +68,7 @@ class OneBatch(pl.LightningDataModule):
 
 def callbacks_from_conf(tmp_path) -> dict:
     conf = OmegaConf.load(CONF_DIR / "callbacks" / "default.yaml")
+    conf.eval = OmegaConf.load(CONF_DIR / "eval" / "default.yaml")  # resolves monitor: val/${eval.valid_metric}
     conf.model_checkpoint.dirpath = str(tmp_path / "checkpoints")
     return {name: instantiate(conf[name]) for name in ("early_stopping", "model_checkpoint")}
 
@@ -119,7 +122,7 @@ def test_the_tested_weights_are_the_best_validation_epochs(tmp_path):
 
 def test_defaults_are_the_official_codes(compose_cfg):
     """model.init: PyTorch's Linear init (the official code's); early stopping: MMRec's stopping_step 20."""
-    from mllmrec.model import Tower
+    from mllmrec.models.mllmrec import Tower
 
     cfg = compose_cfg()
     assert cfg.model.init == "default"
@@ -141,4 +144,4 @@ def test_early_stopping_refuses_settings_that_break_mmrecs_rule(kwargs, key):
     from mllmrec.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"callbacks.early_stopping.{key}"):
-        MMRecEarlyStopping(**kwargs)
+        MMRecEarlyStopping(monitor="val/recall@20", **kwargs)

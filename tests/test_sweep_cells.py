@@ -78,8 +78,8 @@ def sweep(tmp_path):
 
 @pytest.fixture
 def cells(sweep):
-    from mllmrec.cells import summarize_cells
-    from mllmrec.sweep import collect
+    from mllmrec.sweep.cells import summarize_cells
+    from mllmrec.sweep.summary import collect
 
     return summarize_cells(collect(sweep))
 
@@ -112,14 +112,14 @@ def test_best_cell_is_by_mean_validation_and_the_tied_set_by_one_se(cells, sweep
     assert got_best == [best]
     assert got_tied == tied
     # the best single JOB (.15, alpha .6 K_c 10) is not the best cell: selection is by the mean
-    from mllmrec.sweep import best_row, collect
+    from mllmrec.sweep.summary import best_row, collect
 
-    assert float(best_row(collect(sweep))["val/recall@20"]) == 0.15
+    assert float(best_row(collect(sweep), "val/recall@20")["val/recall@20"]) == 0.15
 
 
 def test_one_seed_per_cell_keeps_todays_behaviour(tmp_path):
-    from mllmrec.cells import summarize_cells
-    from mllmrec.sweep import best_row, collect
+    from mllmrec.sweep.cells import summarize_cells
+    from mllmrec.sweep.summary import best_row, collect
 
     sweep = tmp_path / "sweep"
     for num, (alpha, val) in enumerate(((0.4, 0.11), (0.5, 0.13), (0.6, 0.125))):
@@ -132,8 +132,8 @@ def test_one_seed_per_cell_keeps_todays_behaviour(tmp_path):
     assert not cells["within_1se_of_best"].any()  # no spread, no "indistinguishable" claim
     best = cells[cells["best"]].iloc[0]
     assert best["cell"] == "graph.alpha=0.5,graph.k_c=10"
-    assert best["val/recall@20_mean"] == best_row(df)["val/recall@20"] == 0.13
-    from mllmrec.sweep import plot_heatmap
+    assert best["val/recall@20_mean"] == best_row(df, "val/recall@20")["val/recall@20"] == 0.13
+    from mllmrec.sweep.summary import plot_heatmap
 
     px = outline_pixels(plot_heatmap(cells, tmp_path / "heatmap.png"))
     assert px["red"] > 500 and px["magenta"] == 0
@@ -151,10 +151,10 @@ def outline_pixels(png) -> dict:
 
 
 def run_summary(sweep, caplog, **cfg):
-    from mllmrec.sweep import SweepSummary
+    from mllmrec.sweep.summary import SweepSummary
 
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "dataset": {"name": "fake"}, **cfg})
-    with caplog.at_level(logging.INFO, logger="mllmrec.sweep"):
+    with caplog.at_level(logging.INFO, logger="mllmrec.sweep.summary"):
         SweepSummary().on_multirun_end(config)
     return caplog.text
 

@@ -1,5 +1,5 @@
 """The multirun's comparison tables, one row per swept value: the paper's Table 2 (``variant``,
-``ablation.md``) and Table 1 (``model``, ``models.md``); written by :class:`mllmrec.sweep.SweepSummary`."""
+``ablation.md``) and Table 1 (``model``, ``models.md``); written by :class:`mllmrec.sweep.summary.SweepSummary`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from mllmrec.cells import fmt_value, mean_std, setting_columns, varying
 from mllmrec.files import write_text_atomic
+from mllmrec.metrics import EvalSpec, short_label
+from mllmrec.sweep.cells import fmt_value, mean_std, setting_columns, varying
 
-log = logging.getLogger("mllmrec.sweep")
+log = logging.getLogger("mllmrec.sweep.summary")
 
 
 VARIANT_LABELS = {
@@ -40,18 +41,25 @@ MODEL_LABELS = {
     "mllmrec": "MLLMRec", "bpr": "BPR", "lightgcn": "LightGCN", "vbpr": "VBPR",
     "lattice": "LATTICE", "freedom": "FREEDOM", "lgmrec": "LGMRec",
 }
-R20 = (("R@20", "test/recall@20"), ("N@20", "test/ndcg@20"))
-AT_10 = (("R@10", "test/recall@10"), ("N@10", "test/ndcg@10"))
-SELECTED_BY = (("val R@20", "val/recall@20"),)
-TABLES = (  # (swept key, file stem, row labels, columns): the paper's Table 2 and Table 1 layouts
-    ("variant", "ablation", VARIANT_LABELS, (*R20, *SELECTED_BY)),
-    ("model", "models", MODEL_LABELS, (*AT_10, *R20, *SELECTED_BY)),
-)
+
+
+def _at(k: int) -> tuple:
+    return ((f"R@{k}", f"test/recall@{k}"), (f"N@{k}", f"test/ndcg@{k}"))
+
+
+def tables(spec: EvalSpec) -> tuple:
+    """(swept key, file stem, row labels, columns) of the paper's Table 2 (test R/N at the largest
+    cut-off) and Table 1 (test R/N at every cut-off), each with the selecting validation metric."""
+    selected_by = ((f"val {short_label(spec.select)}", spec.select),)
+    return (
+        ("variant", "ablation", VARIANT_LABELS, (*_at(max(spec.topk)), *selected_by)),
+        ("model", "models", MODEL_LABELS, (*(c for k in spec.topk for c in _at(k)), *selected_by)),
+    )
 
 
 def comparison_table(cells: pd.DataFrame, sweep_dir: Path, key: str, stem: str, labels: dict, metrics: tuple) -> Path:
     """One row per cell, named by its ``key`` value (the paper's Table 1 for ``model``, Table 2 for
-    ``variant``): the test ``metrics`` (label, metric) and the validation R@20 used to select, best
+    ``variant``): the test ``metrics`` (label, metric), among them the validation metric used to select, best
     epoch and seconds per epoch; ``mean ± std (n)`` over the seeds when seeds were swept. Writes
     ``<stem>.md`` and ``<stem>.csv``."""
     with_n = bool((cells["n"] > 1).any())
