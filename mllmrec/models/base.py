@@ -47,6 +47,13 @@ def adam(lr: float = 1e-3, weight_decay: float = 0.0, fused: bool = True) -> Opt
 
 
 
+def with_lr_decay(optimizer: torch.optim.Optimizer, decay: float, every: float) -> dict:
+    """MMRec's ``learning_rate_scheduler: [decay, every]``: lr x decay^(epoch / every), stepped per epoch
+    (LATTICE, SMORE, GUME, ...), as ``configure_optimizers`` returns it."""
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: decay ** (epoch / every))
+    return {"optimizer": optimizer, "lr_scheduler": sched}
+
+
 class RankingModule(RankingEvaluation, pl.LightningModule):
     """Shared BPR training loop pieces and full-ranking evaluation (:mod:`mllmrec.evaluation`).
 

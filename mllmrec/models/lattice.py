@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmrec.errors import ConfigError
-from mllmrec.models.base import Inputs, OptimizerFactory, RankingModule, adam
+from mllmrec.models.base import Inputs, OptimizerFactory, RankingModule, adam, with_lr_decay
 from mllmrec.models.knn_graphs import learned_knn_edges, model_item_graph, refine_settings
 from mllmrec.models.layers import EdgeGraph, edge_matmul, lightgcn_layers, normalize_edges, rows
 from mllmrec.models.losses import bpr_logsigmoid
@@ -111,7 +111,5 @@ class LATTICEModule(RankingModule):
         return bpr_logsigmoid(u, p, n) + self.hparams.reg_weight * reg
 
     def configure_optimizers(self):
-        opt = super().configure_optimizers()
-        decay, every = float(self.hparams.lr_decay), float(self.hparams.lr_decay_epochs)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: decay ** (epoch / every))
-        return {"optimizer": opt, "lr_scheduler": sched}
+        return with_lr_decay(super().configure_optimizers(), float(self.hparams.lr_decay),
+                             float(self.hparams.lr_decay_epochs))

@@ -7,7 +7,8 @@
   ``BPRLoss`` (``common/loss.py``) used by its BPR-MF, LightGCN and VBPR: the 1e-10 caps the loss
   of a badly ranked pair at 23 and changes the gradient there.
 
-and :func:`emb_reg`, MMRec's ``EmbLoss`` (the L2 norms of the batch embeddings over the batch size).
+and :func:`emb_reg`, MMRec's ``EmbLoss`` (the L2 norms of the batch embeddings over the batch size), and
+:func:`in_batch_info_nce`, the in-batch contrastive loss of the self-supervised models.
 """
 
 from __future__ import annotations
@@ -29,3 +30,14 @@ def bpr_sigmoid_eps(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 def emb_reg(*embeddings: torch.Tensor) -> torch.Tensor:
     """MMRec's EmbLoss: sum of the L2 norms of the batch embeddings / batch size."""
     return sum(torch.linalg.vector_norm(e) for e in embeddings) / embeddings[-1].shape[0]
+
+
+def in_batch_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, normalize: bool = True) -> torch.Tensor:
+    """In-batch InfoNCE from ``a`` to ``b`` (one direction): row r of ``a`` against every row of ``b``, the
+    positive is row r. ``-mean_r log( exp(s_rr/t) / sum_c exp(s_rc/t) )`` with s the cosine similarity
+    (``normalize``) or the dot product. Repeated rows of the batch count as negatives, as in the official
+    codes. Computed as a log-softmax (cross-entropy): the same value as exp-then-log, without overflow."""
+    if normalize:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    logits = a @ b.T / temperature
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
