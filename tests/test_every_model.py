@@ -43,3 +43,27 @@ def test_model_trains_one_epoch_through_the_cli(zoo_sweep, name):
     for key in ("val/recall@20", "test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20"):
         assert 0.0 <= metrics[key] <= 1.0 and math.isfinite(metrics[key]), key
     assert (zoo_sweep[name] / "checkpoints" / "best.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_a_job_dir_copied_from_the_multirun_works_as_an_override(zoo_sweep):
+    """Job dirs are named ``<n>_<key>-<value>__...`` (no ``=`` or ``,``): passed back unquoted, as a new
+    user would paste it, the path is one Hydra override value."""
+    job = zoo_sweep["bpr"]
+    assert "=" not in job.name and "," not in job.name and "model-bpr" in job.name
+    proc = run_module("mllmrec.recommend", f"run_dir={job}", "topk=3", "user=1", cwd=job)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "user 1:" in proc.stdout
+
+
+def test_job_dir_names_parse_back_as_one_override_value():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mllmrec.config import safe_dirname
+
+    parser = OverridesParser.create()
+    for dirname in ("experiment-plug_in__graph.alpha-0.7__graph.refine-true__model-freedom__seed-1",
+                    "eval.topk-[5,20]__eval.valid_metric-ndcg@20", "+dataset.features-{image: /data/x.npy}",
+                    "prepare.meta-C:\\data\\m.json", "name-a b'c\"(d)"):
+        path = f"outputs/multirun/office/2026-12-02_08-00-00-000001/0_{safe_dirname(dirname)}"
+        assert parser.parse_overrides([f"run_dir={path}"])[0].value() == path
