@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from mllmrec import config as mconfig
 from mllmrec.cache import ArtifactCache
+from mllmrec.cache.integrity import file_hash
 from mllmrec.data import RecData, load_dataset
 from mllmrec.errors import ConfigError
 from mllmrec.metrics import EvalSpec
 from mllmrec.models.base import Inputs
-from mllmrec.models.modalities import feature_files, load_modalities
+from mllmrec.models.modalities import data_path, feature_files, load_feature_file, load_modalities
 from mllmrec.stages import describe, encode, graph, reason
 from mllmrec.texts import item_texts
 from mllmrec.vectors import random_unit_rows
@@ -34,14 +36,24 @@ def load_data(cfg: DictConfig) -> RecData:
     return data
 
 
-def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
-    """Run (or reuse) every stage up to ``until`` and return what training needs."""
-    mconfig.validate(cfg)
-    data = load_data(cfg)
-    cache = ArtifactCache.from_config(cfg)
-    out = Inputs(data)
-    stop = STAGE_ORDER.index(until)
+def released_features(dataset: DictConfig, data: RecData) -> dict[str, tuple[np.ndarray, str]]:
+    """``dataset.item_features`` / ``dataset.user_features``: released MLLMRec feature files (e.g. the
+    official Baby folder's ``image_text_feat.npy``, ``user_preferences_feat.npy``; row = itemID /
+    userID), as ``{"items"|"users": (matrix, cache key of the file's content)}``."""
+    out = {}
+    for kind, row, key in (("items", "item", "item_features"), ("users", "user", "user_features")):
+        name = dataset.get(key)
+        if name:
+            path = data_path(name, dataset.data_dir)
+            matrix = load_feature_file(path, data.n_items if row == "item" else data.n_users, row, f"dataset.{key}")
+            out[kind] = matrix, f"file:{file_hash(path)}"
+            log.info("%s: %s (%d x %d), released features: describe/reason/encode skipped for them", key, path,
+                     *matrix.shape)
+    return out
 
+
+def _item_texts(cfg: DictConfig, data: RecData, cache: ArtifactCache, out: Inputs) -> list[str]:
+    """D^m_i: each item's text, plus its image description (describe stage) when an LLM is set."""
     descriptions = None  # D^s_i: image descriptions (none with llm=none)
     if cfg.llm.backend != "none":
         label = cfg.dataset.get("display_name") or cfg.dataset.name  # the dataset as Prompt1 names it
@@ -49,30 +61,49 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
         if described is not None:
             out.artifacts["describe"] = described
             descriptions = describe.load_texts(described)
+    return item_texts(data, descriptions)
+
+
+def _encoded(cfg: DictConfig, cache: ArtifactCache, texts: list[str], kind: str, out: Inputs,
+             encoder: encode.Encoder) -> tuple[np.ndarray, str]:
+    art = encode.run(cfg.encoder, cache, texts, kind, seed=int(cfg.seed), encoder=encoder)
+    out.artifacts[f"encode/{kind}"] = art
+    return encode.load(art), art.key
+
+
+def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
+    """Run (or reuse) every stage up to ``until`` and return what training needs. Released feature
+    files (``dataset.item_features`` / ``user_features``) replace the stages that would produce them."""
+    mconfig.validate(cfg)
+    data = load_data(cfg)
+    cache = ArtifactCache.from_config(cfg)
+    out = Inputs(data)
+    stop = STAGE_ORDER.index(until)
+    released = released_features(cfg.dataset, data) if stop >= 2 else {}
+    random_users = cfg.model.get("user_init", "preference") == "random"  # "w/o RS"
+    reasoned_users = not random_users and "users" not in released  # the preference texts are needed
+    texts = None
+    if stop < 2 or "items" not in released or reasoned_users:
+        texts = _item_texts(cfg, data, cache, out)
     if stop < 1:
         return out
-    texts = item_texts(data, descriptions)  # D^m_i: item text (+ image description)
-    random_users = cfg.model.get("user_init", "preference") == "random"  # "w/o RS"
-    if not random_users or stop < 2:  # w/o RS never uses the preferences: no LLM time spent on them
+    if reasoned_users or stop < 2:  # w/o RS never uses the preferences: no LLM time spent on them
         out.artifacts["reason"] = reason.run(cfg.reason, cfg.llm, data, cache, texts)
     if stop < 2:
         return out
-    seed = int(cfg.seed)
     encoder = encode.Encoder(cfg.encoder)
-    items_art = encode.run(cfg.encoder, cache, texts, "items", seed=seed, encoder=encoder)
-    out.artifacts["encode/items"] = items_art
-    features = encode.load(items_art)
+    features, features_key = released.get("items") or _encoded(cfg, cache, texts, "items", out, encoder)
     if random_users:  # fixed random unit vectors as user inputs, seeded
-        out.user_features = random_unit_rows(data.n_users, features.shape[1], seed)
+        out.user_features = random_unit_rows(data.n_users, features.shape[1], int(cfg.seed))
+    elif "users" in released:
+        out.user_features = released["users"][0]
     else:
         users_texts = reason.load_texts(out.artifacts["reason"])
-        users_art = encode.run(cfg.encoder, cache, users_texts, "users", seed=seed, encoder=encoder)
-        out.artifacts["encode/users"] = users_art
-        out.user_features = encode.load(users_art)
+        out.user_features = _encoded(cfg, cache, users_texts, "users", out, encoder)[0]
     if stop < 3:
         out.item_features = features
         return out
-    graph_art = graph.run(cfg.graph, data, cache, features, items_art.key)
+    graph_art = graph.run(cfg.graph, data, cache, features, features_key)
     out.artifacts["graph"] = graph_art
     out.item_features = graph.load_item_star(graph_art)
     return out
