@@ -265,3 +265,42 @@ def test_seeds_preset_becomes_the_seed_axis(tiny_dir):
             params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
             assert params["seed"] == ("range(1,4)" if seeds else "range(1,6)")
             assert set(params) == others | {"seed"}
+
+
+def test_models_table_has_the_paired_t_test_against_mllmrec(tmp_path):
+    """models.md: each model's two-sided paired t-test against MLLMRec on test R@20 over the seeds both
+    ran (the hand formula: t = mean(d) / (sd(d) / sqrt(n)), p = 2 P(T_{n-1} > |t|))."""
+    from scipy.stats import t as student_t
+
+    from mllmrec.metrics import EvalSpec
+    from mllmrec.sweep.cells import summarize_cells
+    from mllmrec.sweep.tables import comparison_table, tables
+
+    rng = np.random.default_rng(0)
+    rows = []
+    base = {"mllmrec": 0.09, "bpr": 0.088, "lightgcn": 0.12}
+    for model, level in base.items():
+        for seed in (999, 1, 2, 3):
+            if model == "lightgcn" and seed == 3:
+                continue  # a missing run: only the three seeds both have pair up
+            rows.append({"job": f"{len(rows)}_x", "status": "completed", "model": model, "seed": seed,
+                         "graph.alpha": 0.7, "graph.k_c": 10, "test/recall@20": level + rng.normal(0, 0.003),
+                         "test/ndcg@20": 0.04, "test/recall@10": 0.05, "test/ndcg@10": 0.03,
+                         "val/recall@20": level, "best_epoch": 10, "epochs": 30, "seconds_per_epoch": 0.4})
+    jobs = pd.DataFrame(rows).sample(frac=1.0, random_state=1)  # order must not matter: pairs are by seed
+    key, stem, labels, metrics, reference = tables(EvalSpec.default())[1]
+    comparison_table(summarize_cells(jobs), tmp_path, key, stem, labels, metrics, reference, jobs)
+    table = pd.read_csv(tmp_path / "models.csv").set_index("model")
+    column = "p vs MLLMRec (R@20)"
+
+    def by_hand(model):
+        x = jobs[jobs.model == model].set_index("seed")["test/recall@20"]
+        r = jobs[jobs.model == "mllmrec"].set_index("seed")["test/recall@20"]
+        d = (x - r).dropna()
+        t_stat = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+        return 2 * student_t.sf(abs(t_stat), len(d) - 1)
+
+    assert table.loc["BPR", column] == pytest.approx(by_hand("bpr"), rel=1e-9)
+    assert table.loc["LightGCN", column] == pytest.approx(by_hand("lightgcn"), rel=1e-9) and by_hand("lightgcn") < 0.05
+    assert math.isnan(table.loc["MLLMRec", column])
+    assert column in (tmp_path / "models.md").read_text().splitlines()[0]

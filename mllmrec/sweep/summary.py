@@ -277,9 +277,9 @@ class SweepSummary(Callback):
         plot = None
         if any(varying(df, a) for a in AXES):
             plot = plot_heatmap(cells, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c", spec)
-        for key, stem, labels, metrics in tables(spec):
+        for key, stem, labels, metrics, reference in tables(spec):
             if varying(df, key):
-                comparison_table(cells, sweep_dir, key, stem, labels, metrics)
+                comparison_table(cells, sweep_dir, key, stem, labels, metrics, reference, df)
         if varying(df, "graph.refine"):  # experiment=plug_in: the paper's Figure 3
             from mllmrec.sweep.plug_in import summarize_plug_in
 
