@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from mllmrec import config as mconfig
 from mllmrec.cache import Artifact, ArtifactCache
 from mllmrec.data import RecData, load_dataset
+from mllmrec.llm.settings import LLMSettings
 from mllmrec.mm.features import feature_files, load_modalities
 from mllmrec.stages import describe, encode, graph, reason
 from mllmrec.texts import item_texts
@@ -49,10 +50,11 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     out = Inputs(data)
     stop = STAGE_ORDER.index(until)
 
+    llm = LLMSettings.from_config(cfg.llm)  # checked once, handed down typed
     descriptions = None  # D^s_i: image descriptions (none with llm=none)
-    if cfg.llm.backend != "none":
+    if llm.backend != "none":
         label = cfg.dataset.get("display_name") or cfg.dataset.name  # the dataset as Prompt1 names it
-        described = describe.run(cfg.get("describe"), cfg.llm, data, cache, str(label))
+        described = describe.run(cfg.get("describe"), llm, data, cache, str(label))
         if described is not None:
             out.artifacts["describe"] = described
             descriptions = describe.load_texts(described)
@@ -61,7 +63,7 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     texts = item_texts(data, descriptions)  # D^m_i: item text (+ image description)
     random_users = cfg.model.get("user_init", "preference") == "random"  # "w/o RS"
     if not random_users or stop < 2:  # w/o RS never uses the preferences: no LLM time spent on them
-        out.artifacts["reason"] = reason.run(cfg.reason, cfg.llm, data, cache, texts)
+        out.artifacts["reason"] = reason.run(cfg.reason, llm, data, cache, texts)
     if stop < 2:
         return out
     seed = int(cfg.seed)
