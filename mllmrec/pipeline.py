@@ -45,12 +45,12 @@ def load_data(cfg: DictConfig) -> RecData:
 def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     """Run (or reuse) every stage up to ``until`` and return what training needs."""
     mconfig.validate(cfg)
+    llm = LLMSettings.from_config(cfg.llm)  # checked once, before any work; handed down typed
     data = load_data(cfg)
     cache = ArtifactCache.from_config(cfg)
     out = Inputs(data)
     stop = STAGE_ORDER.index(until)
 
-    llm = LLMSettings.from_config(cfg.llm)  # checked once, handed down typed
     descriptions = None  # D^s_i: image descriptions (none with llm=none)
     if llm.backend != "none":
         label = cfg.dataset.get("display_name") or cfg.dataset.name  # the dataset as Prompt1 names it

@@ -175,8 +175,11 @@ def generate(
     mine = [r for r in requests if r.id in ids_mine]
     pending, reused, seconds = _answer_missing(stage, store, saved, requests, mine, llm, settings, desc)
     if selection.shard is not None and picked.chosen:  # a shard job generates only; the next unsharded run merges
-        missing = sum((r.id, r.input_hash) not in saved for r in requests) if whole else None
-        raise _shard_done(stage, selection, len(mine), len(pending), missing)
+        if whole:
+            missing = sum((r.id, r.input_hash) not in saved for r in requests)
+        else:  # other shards' prompts were not built: their ids without any saved answer, a lower bound
+            missing = len(set(picked.chosen) - set(picked.mine) - {i for i, _ in saved})
+        raise _shard_done(stage, selection, len(mine), len(pending), missing, exact=whole)
     by_id = {r.id: saved[(r.id, r.input_hash)] for r in requests}
     summary = {"requests": len(requests), "generated_now": len(pending), "reused_saved_answers": reused,
                "generation_seconds": round(seconds, 3),
@@ -222,11 +225,11 @@ def _answer_missing(stage: str, store: WorkStore, saved: dict, requests: Sequenc
     return pending, reused, time.perf_counter() - started
 
 
-def _shard_done(stage: str, selection: Selection, mine: int, generated: int, missing: int | None) -> ShardDone:
-    """``missing``: chosen requests of any shard still unanswered (None: unknown, only this shard's
-    prompts were built)."""
-    status = ("" if missing is None else "every shard is answered: " if not missing else
-              f"{missing} requests of other shards are not answered yet: ")
+def _shard_done(stage: str, selection: Selection, mine: int, generated: int, missing: int, exact: bool) -> ShardDone:
+    """``missing``: chosen requests of other shards without an answer; a lower bound unless
+    ``exact`` (a shard job that built only its own prompts knows only the ids with no answer at all)."""
+    status = (f"{'' if exact else 'at least '}{missing} requests of other shards are not answered yet: " if missing
+              else "every shard is answered: " if exact else "")
     return ShardDone(f"{stage}: shard {selection.shard} of {selection.num_shards} is done ({mine} requests, "
                      f"{generated} generated now); {status}run without llm.shard to merge them into the artifact")
 
