@@ -18,6 +18,7 @@ from mllmrec.cache import ArtifactCache
 from mllmrec.cache.integrity import file_hash
 from mllmrec.data import RecData, load_dataset
 from mllmrec.errors import ConfigError
+from mllmrec.llm.settings import LLMSettings
 from mllmrec.metrics import EvalSpec
 from mllmrec.models.base import Inputs
 from mllmrec.models.modalities import data_path, feature_files, load_feature_file, load_modalities
@@ -52,12 +53,12 @@ def released_features(dataset: DictConfig, data: RecData) -> dict[str, tuple[np.
     return out
 
 
-def _item_texts(cfg: DictConfig, data: RecData, cache: ArtifactCache, out: Inputs) -> list[str]:
+def _item_texts(cfg: DictConfig, llm: LLMSettings, data: RecData, cache: ArtifactCache, out: Inputs) -> list[str]:
     """D^m_i: each item's text, plus its image description (describe stage) when an LLM is set."""
     descriptions = None  # D^s_i: image descriptions (none with llm=none)
-    if cfg.llm.backend != "none":
+    if llm.backend != "none":
         label = cfg.dataset.get("display_name") or cfg.dataset.name  # the dataset as Prompt1 names it
-        described = describe.run(cfg.get("describe"), cfg.llm, data, cache, str(label))
+        described = describe.run(cfg.get("describe"), llm, data, cache, str(label))
         if described is not None:
             out.artifacts["describe"] = described
             descriptions = describe.load_texts(described)
@@ -75,6 +76,7 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     """Run (or reuse) every stage up to ``until`` and return what training needs. Released feature
     files (``dataset.item_features`` / ``user_features``) replace the stages that would produce them."""
     mconfig.validate(cfg)
+    llm = LLMSettings.from_config(cfg.llm)  # checked once, before any work; handed down typed
     data = load_data(cfg)
     cache = ArtifactCache.from_config(cfg)
     out = Inputs(data)
@@ -84,11 +86,11 @@ def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
     reasoned_users = not random_users and "users" not in released  # the preference texts are needed
     texts = None
     if stop < 2 or "items" not in released or reasoned_users:
-        texts = _item_texts(cfg, data, cache, out)
+        texts = _item_texts(cfg, llm, data, cache, out)
     if stop < 1:
         return out
     if reasoned_users or stop < 2:  # w/o RS never uses the preferences: no LLM time spent on them
-        out.artifacts["reason"] = reason.run(cfg.reason, cfg.llm, data, cache, texts)
+        out.artifacts["reason"] = reason.run(cfg.reason, llm, data, cache, texts)
     if stop < 2:
         return out
     encoder = encode.Encoder(cfg.encoder)
