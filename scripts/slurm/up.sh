@@ -34,7 +34,7 @@ render() {
     tmp=$(mktemp "$2.XXXXXX")
     sed -e "s|@CLUSTER@|$CLUSTER|g" -e "s|@HOST@|$HOST|g" -e "s|@RUN@|$SLURM_RUN|g" \
         -e "s|@LOG@|$SLURM_LOG|g" -e "s|@STATE@|$SLURM_STATE|g" -e "s|@NODE_LINE@|$NODE_LINE|g" \
-        -e "s|@GRES_TYPES@|$GRES_TYPES|g" -e "s|@DBPASS@|$DBPASS|g" "$1" > "$tmp"
+        -e "s|@GRES_TYPES@|$GRES_TYPES|g" -e "s|@DEF_MEM@|$DEF_MEM|g" -e "s|@DBPASS@|$DBPASS|g" "$1" > "$tmp"
     chmod "$3" "$tmp"
     chown "$4" "$tmp"
     if cmp -s "$tmp" "$2"; then rm -f "$tmp"; else mv -f "$tmp" "$2"; echo changed; fi
@@ -45,6 +45,10 @@ write_configs() {
     # this machine as slurmd sees it: NodeName=<host> CPUs=.. Sockets.. Cores.. RealMemory=..
     NODE_LINE=$(slurmd -C | head -n 1)
     case "$NODE_LINE" in NodeName=*) ;; *) die "slurmd -C did not describe this node: $NODE_LINE" ;; esac
+    local cpus mem
+    cpus=$(echo "$NODE_LINE" | sed -n 's/.* CPUs=\([0-9]*\).*/\1/p')
+    mem=$(echo "$NODE_LINE" | sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p')
+    DEF_MEM=$((mem / cpus))
     GRES_TYPES=""
     local gpus=0
     command -v nvidia-smi >/dev/null 2>&1 && gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
