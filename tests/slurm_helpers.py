@@ -1,0 +1,19 @@
+"""Helpers for the SLURM tests (importable inside SLURM jobs: the tests put tests/ on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+
+
+class SlowEpochs(pl.Callback):
+    """Sleeps ``seconds`` after every training epoch: a job that needs longer than its time limit,
+    or that is still running when a test cancels it, without using the shared CPUs. With
+    ``only_k_c``, only the job whose ``k_c`` (pass ``${graph.k_c}``) equals it is slow."""
+
+    def __init__(self, seconds: float = 5.0, k_c: int | None = None, only_k_c: int | None = None):
+        self.seconds = float(seconds) if only_k_c is None or k_c == only_k_c else 0.0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        time.sleep(self.seconds)
