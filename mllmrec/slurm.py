@@ -139,11 +139,11 @@ def request_problems(params: dict, nodes: list[Node]) -> list[str]:
     problems = []
     most_gpus = max(n.gpus for n in nodes)
     if gpus > most_gpus:
-        fix = "0 (a CPU-only cluster)" if most_gpus == 0 else f"at most {most_gpus}"
-        problems.append(f"hydra.launcher.{gpu_key}={gpus} needs {gpus} GPU(s) per node: set {fix}")
+        fix = "no node has a GPU: set 0" if most_gpus == 0 else f"set at most {most_gpus}"
+        problems.append(f"hydra.launcher.{gpu_key}={gpus}: {fix}")
     if cpus > max(n.cpus for n in nodes):
         key = "cpus_per_task" + (f" x tasks_per_node={tasks}" if tasks > 1 else "")
-        problems.append(f"hydra.launcher.{key}={cpus} CPUs: set at most {max(n.cpus for n in nodes) // tasks}")
+        problems.append(f"hydra.launcher.{key}={cpus}: set at most {max(n.cpus for n in nodes) // tasks}")
     if mem_mb > max(n.mem_mb for n in nodes):
         problems.append(f"hydra.launcher.mem_gb={params.get('mem_gb')}: set at most {max(n.mem_mb for n in nodes) // 1024}")
     if minutes > max(n.time_limit_min for n in nodes):

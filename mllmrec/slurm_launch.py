@@ -226,6 +226,7 @@ def mark(launcher, overrides: list[str], num: int, job_id: str, end: End) -> Job
     task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     hydra_dir = out / str(cfg.hydra.output_subdir or ".hydra")
     if not (hydra_dir / "overrides.yaml").is_file():
+        hydra_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(task_cfg))
         write_text_atomic(hydra_dir / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, ["hydra"])))
         write_text_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(cfg.hydra.overrides.task))

@@ -17,3 +17,18 @@ class SlowEpochs(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         time.sleep(self.seconds)
+
+
+class FakeLauncher:
+    """What :func:`mllmrec.slurm_launch.submit` reads of a Hydra launcher (``params``, ``config``),
+    for submitting from a test without Hydra; calling it (as a SLURM job) returns its arguments."""
+
+    def __init__(self, sweep_dir, **params):
+        from omegaconf import OmegaConf
+
+        self.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+        self.params = {"submitit_folder": f"{sweep_dir}/.submitit/%j", "max_num_timeout": 0, "timeout_min": 5,
+                       "cpus_per_task": 1, "mem_gb": 1, "gpus_per_node": 0, "name": "fake", **params}
+
+    def __call__(self, *args):
+        return args
