@@ -200,12 +200,14 @@ def test_cancelled_and_failed_jobs_are_marked_the_other_stands_and_a_rerun_train
 
 
 def test_timeout_requeue_resume_gives_the_metrics_of_an_uninterrupted_run(tiny_dir, tmp_path):
-    """A 2-minute limit, SIGUSR2 30 s before it (SLURM checks limits every ~30-60 s, so it comes
+    """A 2-minute limit, SIGUSR2 30 s before it (SLURM checks limits every ~30 s, so it comes
     60-90 s in; the job must have installed submitit's handler by then: Python's start-up on a busy
-    machine takes ~30 s). 8 epochs of 8 s need longer: the job is requeued (SLURM delays a requeued
-    job by ~2 minutes; the test starts it at once) and resumes from last.ckpt."""
+    machine takes ~30 s). The first run sleeps 15 s per epoch, so 8 epochs need longer: SIGUSR2,
+    requeue (SLURM delays a requeued job by ~2 minutes; the test starts it at once); the second run
+    (not slowed) resumes from last.ckpt."""
     cell = ("trainer.max_epochs=8", "callbacks.early_stopping.stopping_step=100", "graph.alpha=0.6", "graph.k_c=5")
-    proc = start(grid_args(tiny_dir, tmp_path / "slurm", *cell, *slow(8), "hydra.launcher.timeout_min=2",
+    proc = start(grid_args(tiny_dir, tmp_path / "slurm", *cell, *slow(15), "+callbacks.slow.first_run_only=true",
+                           "hydra.launcher.timeout_min=2",
                            "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=6"), tmp_path)
     ref = run_module("mllmrec.train", *grid_args(tiny_dir, tmp_path / "ref", *cell, launcher="basic"), cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-3000:]
