@@ -50,7 +50,8 @@ class Watch:
     """How the launcher watches the array (``hydra.launcher.<key>``, see conf/hydra/launcher/slurm.yaml)."""
 
     poll_s: float = 5.0  # seconds between two squeue calls
-    end_grace_s: float = 30.0  # after SLURM says a task ended, how long its result file may lag (shared FS)
+    end_grace_s: float = 15.0  # after SLURM says a task ended, how long its result file may lag (shared FS;
+    # submitit's own wait for a result file)
     controller_timeout_s: float = 300.0  # squeue failing this long ends the wait
     check_cluster: bool = True  # compare the request with sinfo before submitting
 

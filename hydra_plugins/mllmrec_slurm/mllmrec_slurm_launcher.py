@@ -16,23 +16,25 @@ except ImportError:  # pip install "mllmrec[launchers]"
 
 if SlurmLauncher is not None:
 
+    from mllmrec.slurm_launch import Watch  # light: no torch
+
     @dataclass
     class MllmrecSlurmConf(SlurmQueueConf):
+        """submitit's SLURM keys plus how mllmrec watches the array (the fields of ``Watch``)."""
+
         _target_: str = "hydra_plugins.mllmrec_slurm.mllmrec_slurm_launcher.MllmrecSlurmLauncher"
-        poll_s: float = 5.0  # seconds between two squeue calls
-        end_grace_s: float = 30.0  # after SLURM says a job ended, how long its result file may lag
-        controller_timeout_s: float = 300.0  # squeue failing this long ends the wait (one line)
-        check_cluster: bool = True  # compare the request with sinfo before submitting
+        poll_s: float = Watch.poll_s
+        end_grace_s: float = Watch.end_grace_s
+        controller_timeout_s: float = Watch.controller_timeout_s
+        check_cluster: bool = Watch.check_cluster
 
     class MllmrecSlurmLauncher(SlurmLauncher):
-        WATCH_KEYS = ("poll_s", "end_grace_s", "controller_timeout_s", "check_cluster")
-
         def __init__(self, **params) -> None:
-            self.watch = {k: params.pop(k) for k in self.WATCH_KEYS if k in params}
+            self.watch = {k: params.pop(k) for k in Watch.__dataclass_fields__ if k in params}
             super().__init__(**params)
 
         def launch(self, job_overrides, initial_job_idx):
-            from mllmrec.slurm_launch import Watch, launch
+            from mllmrec.slurm_launch import launch
 
             return launch(self, job_overrides, initial_job_idx, Watch(**self.watch))
 
