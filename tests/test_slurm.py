@@ -149,6 +149,9 @@ def test_four_jobs_on_a_cold_cache_build_each_artifact_once(cold_grids):
     built = [m.group(1) for log in logs for m in re.finditer(r"\S+: built in [\d.]+s -> (\S+)", log)]
     per_artifact = pd.Series(built, dtype=str).value_counts()
     assert (per_artifact == 1).all(), per_artifact[per_artifact > 1]
+    # a second build of the same key loses the publish race and says so instead of "built in"
+    raced = [line for log in logs for line in log.splitlines() if "published concurrently" in line]
+    assert not raced, raced
     cache = out / "cache" / "tiny"
     published = [p for stage in cache.iterdir() for p in stage.iterdir() if not p.name.startswith(".")]
     assert sorted(map(str, published)) == sorted(per_artifact.index)  # every artifact built, by one job
