@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import re
@@ -220,8 +221,6 @@ def job_dir(cfg) -> Path:
 def mark(launcher, overrides: list[str], num: int, job_id: str, end: End) -> JobReturn:
     """Write ``metrics.json`` with ``status`` = SLURM's state into the job's folder (and the
     ``.hydra/`` files the summary reads, when the job never started); a JobReturn for Hydra."""
-    import json
-
     cfg = sweep_config(launcher, overrides, num, job_id)
     out = job_dir(cfg)
     task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -237,7 +236,8 @@ def mark(launcher, overrides: list[str], num: int, job_id: str, end: End) -> Job
     except ValueError:
         before = {}
     if before.get("status") != "completed":
-        message = end.message + (f"; the job had written: {before['error']}" if before.get("error") else "")
+        own = before.get("error") if "slurm_state" not in before else None  # not an earlier run's mark
+        message = end.message + (f"; the job had written: {own}" if own else "")
         write_text_atomic(metrics_path, json.dumps({"status": end.state, "error": message, "slurm_job_id": job_id,
                                                     "slurm_state": end.state}, indent=2))
         log.error("job #%d (%s) %s: %s", num, " ".join(filter_overrides(overrides)), end.state, message)
