@@ -23,7 +23,7 @@ class MMRecEarlyStopping(EarlyStopping):
     non-improving, as in MMRec and as in ``ModelCheckpoint`` (which keeps the first best epoch).
     """
 
-    def __init__(self, monitor: str = "val/recall@20", mode: str = "max", stopping_step: int = 20, **kwargs):
+    def __init__(self, monitor: str, mode: str = "max", stopping_step: int = 20, **kwargs):
         if int(stopping_step) != stopping_step or stopping_step < 0:
             raise ConfigError(f"{KEY}.stopping_step", f"must be an integer >= 0, got {stopping_step!r}")
         if kwargs.pop("min_delta", 0.0):

@@ -11,9 +11,18 @@ from mllmrec.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EMBEDDED_DATASETS = Path(__file__).resolve().parent / "datasets"
 
+# characters a job dir name keeps as they are: the name then works unquoted as a Hydra override value
+# and in a shell (``run_dir=<sweep dir>/<job dir>``); the rest is mapped or dropped
+_DIRNAME_MAP = str.maketrans({"/": ".", "\\": ".", ",": "+", ":": "-", "=": "-", **{c: None for c in "[]{}()'\" \t"}})
+_DIRNAME_KEEP = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+@%")
+
+
 def safe_dirname(text: str, limit: int = 150) -> str:
-    """A job's overrides as ONE folder name (no path separators), of bounded length."""
-    text = str(text).replace("/", "|").replace("\\", "|").replace(":", "-")
+    """A job's overrides as ONE folder name that can be passed back as it is: no path separator, no
+    ``=`` or ``,`` (Hydra's override grammar) and nothing a shell would expand; of bounded length.
+    The overrides arrive as Hydra's ``override_dirname`` with ``kv_sep: "-"`` and ``item_sep: "__"``
+    (``conf/hydra/default.yaml``): ``model-freedom__seed-1``; a list value ``[5,20]`` becomes ``5+20``."""
+    text = "".join(c for c in str(text).translate(_DIRNAME_MAP) if c in _DIRNAME_KEEP)
     return text[:limit] or "defaults"
 
 

@@ -1,7 +1,7 @@
 """Full-ranking evaluation and top-K ranking of a model that scores y_ui = h_u . h_i.
 
 :class:`RankingEvaluation` is the one public entry that Lightning's validation/test hooks
-(:class:`mllmrec.model.RankingModule`), :mod:`mllmrec.bench` and :mod:`mllmrec.recommend` use:
+(:class:`mllmrec.models.base.RankingModule`), :mod:`mllmrec.bench` and :mod:`mllmrec.recommend` use:
 one representation pass, then the users scored in blocks, each block's training items masked
 and the rest ranked by :func:`mllmrec.metrics.masked_topk`.
 """
@@ -15,14 +15,27 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from mllmrec.metrics import METRICS, evaluate_batch, masked_topk, pairs_of_rows
+from mllmrec.metrics import EvalSpec, evaluate_batch, masked_topk, pairs_of_rows
 
 
 class RankingEvaluation:
-    """Mixin of :class:`mllmrec.model.RankingModule`: needs ``representations()``, ``device`` and
+    """Mixin of :class:`mllmrec.models.base.RankingModule`: needs ``representations()``, ``device`` and
     ``log`` (a LightningModule's)."""
 
     _eval_reprs: tuple[torch.Tensor, torch.Tensor] | None = None  # (h_users, h_items^T) of one pass
+    _eval_spec: EvalSpec | None = None
+
+    @property
+    def eval_spec(self) -> EvalSpec:
+        """The cut-offs and the selecting metric (``conf/eval``; :func:`mllmrec.pipeline.build_model` sets
+        them from the run's config, else ``conf/eval/default.yaml``)."""
+        if self._eval_spec is None:
+            self._eval_spec = EvalSpec.default()
+        return self._eval_spec
+
+    @eval_spec.setter
+    def eval_spec(self, spec: EvalSpec) -> None:
+        self._eval_spec = spec
 
     def score_users(self, users: torch.Tensor) -> torch.Tensor:
         """Scores [len(users), n_items]; inside a pass (:meth:`scoring`, an evaluation) from its
@@ -74,25 +87,25 @@ class RankingEvaluation:
 
     def begin_evaluation(self) -> None:
         """Start a pass over evaluation batches: zero the sums, compute the representations once."""
-        self._sums = {m: torch.zeros((), dtype=torch.float64, device=self.device) for m in METRICS}
+        self._sums = {m: torch.zeros((), dtype=torch.float64, device=self.device) for m in self.eval_spec.names}
         self._count = 0
         self._cache_representations()
 
     def evaluation_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Score, mask and rank one batch's users; add their metrics to the pass."""
         scores = self.score_users(batch["users"])
-        for m, v in evaluate_batch(scores, batch).items():
+        for m, v in evaluate_batch(scores, batch, self.eval_spec.topk).items():
             self._sums[m] += v.sum()
         self._count += int(batch["users"].shape[0])
 
     def _evaluation_means(self) -> dict[str, torch.Tensor]:
         """End the pass: each metric's mean over its users (float64)."""
         self._eval_reprs = None
-        return {m: self._sums[m] / max(self._count, 1) for m in METRICS}
+        return {m: self._sums[m] / max(self._count, 1) for m in self.eval_spec.names}
 
     def end_evaluation(self, prefix: str) -> dict[str, float]:
         """End the pass and log its means as ``<prefix>/<metric>`` (float32, as logged); return them."""
         values = {f"{prefix}/{m}": v.float() for m, v in self._evaluation_means().items()}
         for name, value in values.items():
-            self.log(name, value, prog_bar=name.endswith("recall@20"))
+            self.log(name, value, prog_bar=name.endswith(self.eval_spec.valid_metric))
         return {k: float(v) for k, v in values.items()}

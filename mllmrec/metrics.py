@@ -2,16 +2,76 @@
 
 Recall@K = hits in the top K / number of the user's held-out items.
 NDCG@K  = DCG / ideal DCG, the ideal over min(#held-out, K) items; binary relevance.
+
+:class:`EvalSpec` is ``conf/eval``: the cut-offs computed (``eval.topk``) and the validation metric
+that selects (``eval.valid_metric``), checked once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 import torch
+from omegaconf import OmegaConf
 
-KS = (10, 20)
-METRICS = tuple(f"{m}@{k}" for m in ("recall", "ndcg") for k in KS)
+from mllmrec.config import CONF_DIR
+from mllmrec.errors import ConfigError
+
+
+def metric_names(ks) -> tuple[str, ...]:
+    """``recall@K`` for every K, then ``ndcg@K`` for every K."""
+    return tuple(f"{m}@{k}" for m in ("recall", "ndcg") for k in ks)
+
+
+def short_label(metric: str) -> str:
+    """``val/recall@20`` -> ``R@20``, ``test/ndcg@10`` -> ``N@10`` (table and plot labels)."""
+    name = metric.rpartition("/")[2]
+    return {"recall": "R", "ndcg": "N"}.get(name.partition("@")[0], name.partition("@")[0]) + "@" + name.partition("@")[2]
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What evaluation computes (``topk``) and what selects (``valid_metric``), from ``conf/eval``."""
+
+    topk: tuple[int, ...]
+    valid_metric: str
+
+    @classmethod
+    def from_config(cls, node=None) -> "EvalSpec":
+        """``cfg.eval`` (a DictConfig, a dict or None) over ``conf/eval/default.yaml``, checked: a one-line
+        ConfigError names the key."""
+        merged = OmegaConf.merge(OmegaConf.load(CONF_DIR / "eval" / "default.yaml"), node or {})
+        topk = merged.topk
+        try:
+            ks = tuple(sorted({int(k) for k in topk}))
+            ok = bool(ks) and all(int(k) == k and k >= 1 for k in topk)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError("eval.topk", f"must be a non-empty list of integers >= 1, got {OmegaConf.to_container(merged)['topk']!r}")
+        spec = cls(ks, str(merged.valid_metric))
+        if spec.valid_metric not in spec.names:
+            raise ConfigError("eval.valid_metric", f"{spec.valid_metric!r} is not computed: eval.topk={list(ks)} gives "
+                              f"{', '.join(spec.names)}")
+        return spec
+
+    @classmethod
+    def default(cls) -> "EvalSpec":
+        return cls.from_config(None)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return metric_names(self.topk)
+
+    @property
+    def select(self) -> str:
+        """The selecting metric as logged: ``val/<valid_metric>``."""
+        return f"val/{self.valid_metric}"
+
+    def columns(self, split: str) -> tuple[str, ...]:
+        return tuple(f"{split}/{m}" for m in self.names)
 
 
 def pairs_of_rows(matrix: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +116,7 @@ def hits_at(topk: torch.Tensor, pos_keys: torch.Tensor, n_items: int) -> torch.T
     return sorted_contains(pos_keys, rows * n_items + topk)
 
 
-def recall_ndcg(hits: torch.Tensor, n_pos: torch.Tensor, ks=KS) -> dict[str, torch.Tensor]:
+def recall_ndcg(hits: torch.Tensor, n_pos: torch.Tensor, ks) -> dict[str, torch.Tensor]:
     """Per-user Recall@K and NDCG@K from the hit matrix (ranks sorted best first)."""
     hits = hits.to(torch.float64)
     max_k = hits.shape[1]
@@ -74,7 +134,7 @@ def recall_ndcg(hits: torch.Tensor, n_pos: torch.Tensor, ks=KS) -> dict[str, tor
     return out
 
 
-def evaluate_batch(scores: torch.Tensor, batch: dict[str, torch.Tensor], ks=KS) -> dict[str, torch.Tensor]:
+def evaluate_batch(scores: torch.Tensor, batch: dict[str, torch.Tensor], ks) -> dict[str, torch.Tensor]:
     """Per-user metrics for one evaluation batch of full-ranking scores [B, n_items] (masked in place)."""
     topk = masked_topk(scores, batch["mask_rows"], batch["mask_cols"], max(ks)).indices
     hits = hits_at(topk, batch["pos_keys"], scores.shape[1])

@@ -8,15 +8,20 @@ and hands each stage (:mod:`mllmrec.stages`) its own config node and explicit in
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import numpy as np
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from mllmrec import config as mconfig
-from mllmrec.cache import Artifact, ArtifactCache
+from mllmrec.cache import ArtifactCache
+from mllmrec.cache.integrity import file_hash
 from mllmrec.data import RecData, load_dataset
-from mllmrec.mm.features import feature_files, load_modalities
+from mllmrec.errors import ConfigError
+from mllmrec.llm.settings import LLMSettings
+from mllmrec.metrics import EvalSpec
+from mllmrec.models.base import Inputs
+from mllmrec.models.modalities import data_path, feature_files, load_feature_file, load_modalities
 from mllmrec.stages import describe, encode, graph, reason
 from mllmrec.texts import item_texts
 from mllmrec.vectors import random_unit_rows
@@ -26,60 +31,81 @@ log = logging.getLogger(__name__)
 STAGE_ORDER = ("describe", "reason", "encode", "graph")
 
 
-@dataclass
-class Inputs:
-    data: RecData
-    user_features: np.ndarray | None = None
-    item_features: np.ndarray | None = None  # E*, the propagated item features
-    modalities: dict[str, np.ndarray] | None = None  # raw item modality features (multimodal baselines)
-    artifacts: dict[str, Artifact] = field(default_factory=dict)
-
-
 def load_data(cfg: DictConfig) -> RecData:
     data = load_dataset(cfg.dataset.name, cfg.dataset.data_dir)
     log.info("%s", data.summary())
     return data
 
 
+def released_features(dataset: DictConfig, data: RecData) -> dict[str, tuple[np.ndarray, str]]:
+    """``dataset.item_features`` / ``dataset.user_features``: released MLLMRec feature files (e.g. the
+    official Baby folder's ``image_text_feat.npy``, ``user_preferences_feat.npy``; row = itemID /
+    userID), as ``{"items"|"users": (matrix, cache key of the file's content)}``."""
+    out = {}
+    for kind, row, key in (("items", "item", "item_features"), ("users", "user", "user_features")):
+        name = dataset.get(key)
+        if name:
+            path = data_path(name, dataset.data_dir)
+            matrix = load_feature_file(path, data.n_items if row == "item" else data.n_users, row, f"dataset.{key}")
+            out[kind] = matrix, f"file:{file_hash(path)}"
+            log.info("%s: %s (%d x %d), released features: describe/reason/encode skipped for them", key, path,
+                     *matrix.shape)
+    return out
+
+
+def _item_texts(cfg: DictConfig, llm: LLMSettings, data: RecData, cache: ArtifactCache, out: Inputs) -> list[str]:
+    """D^m_i: each item's text, plus its image description (describe stage) when an LLM is set."""
+    descriptions = None  # D^s_i: image descriptions (none with llm=none)
+    if llm.backend != "none":
+        label = cfg.dataset.get("display_name") or cfg.dataset.name  # the dataset as Prompt1 names it
+        described = describe.run(cfg.get("describe"), llm, data, cache, str(label))
+        if described is not None:
+            out.artifacts["describe"] = described
+            descriptions = describe.load_texts(described)
+    return item_texts(data, descriptions)
+
+
+def _encoded(cfg: DictConfig, cache: ArtifactCache, texts: list[str], kind: str, out: Inputs,
+             encoder: encode.Encoder) -> tuple[np.ndarray, str]:
+    art = encode.run(cfg.encoder, cache, texts, kind, seed=int(cfg.seed), encoder=encoder)
+    out.artifacts[f"encode/{kind}"] = art
+    return encode.load(art), art.key
+
+
 def build_inputs(cfg: DictConfig, until: str = "graph") -> Inputs:
-    """Run (or reuse) every stage up to ``until`` and return what training needs."""
+    """Run (or reuse) every stage up to ``until`` and return what training needs. Released feature
+    files (``dataset.item_features`` / ``user_features``) replace the stages that would produce them."""
     mconfig.validate(cfg)
+    llm = LLMSettings.from_config(cfg.llm)  # checked once, before any work; handed down typed
     data = load_data(cfg)
     cache = ArtifactCache.from_config(cfg)
     out = Inputs(data)
     stop = STAGE_ORDER.index(until)
-
-    descriptions = None  # D^s_i: image descriptions (none with llm=none)
-    if cfg.llm.backend != "none":
-        label = cfg.dataset.get("display_name") or cfg.dataset.name  # the dataset as Prompt1 names it
-        described = describe.run(cfg.get("describe"), cfg.llm, data, cache, str(label))
-        if described is not None:
-            out.artifacts["describe"] = described
-            descriptions = describe.load_texts(described)
+    released = released_features(cfg.dataset, data) if stop >= 2 else {}
+    random_users = cfg.model.get("user_init", "preference") == "random"  # "w/o RS"
+    reasoned_users = not random_users and "users" not in released  # the preference texts are needed
+    texts = None
+    if stop < 2 or "items" not in released or reasoned_users:
+        texts = _item_texts(cfg, llm, data, cache, out)
     if stop < 1:
         return out
-    texts = item_texts(data, descriptions)  # D^m_i: item text (+ image description)
-    random_users = cfg.model.get("user_init", "preference") == "random"  # "w/o RS"
-    if not random_users or stop < 2:  # w/o RS never uses the preferences: no LLM time spent on them
-        out.artifacts["reason"] = reason.run(cfg.reason, cfg.llm, data, cache, texts)
+    if reasoned_users or stop < 2:  # w/o RS never uses the preferences: no LLM time spent on them
+        out.artifacts["reason"] = reason.run(cfg.reason, llm, data, cache, texts)
     if stop < 2:
         return out
-    seed = int(cfg.seed)
     encoder = encode.Encoder(cfg.encoder)
-    items_art = encode.run(cfg.encoder, cache, texts, "items", seed=seed, encoder=encoder)
-    out.artifacts["encode/items"] = items_art
-    features = encode.load(items_art)
+    features, features_key = released.get("items") or _encoded(cfg, cache, texts, "items", out, encoder)
     if random_users:  # fixed random unit vectors as user inputs, seeded
-        out.user_features = random_unit_rows(data.n_users, features.shape[1], seed)
+        out.user_features = random_unit_rows(data.n_users, features.shape[1], int(cfg.seed))
+    elif "users" in released:
+        out.user_features = released["users"][0]
     else:
         users_texts = reason.load_texts(out.artifacts["reason"])
-        users_art = encode.run(cfg.encoder, cache, users_texts, "users", seed=seed, encoder=encoder)
-        out.artifacts["encode/users"] = users_art
-        out.user_features = encode.load(users_art)
+        out.user_features = _encoded(cfg, cache, users_texts, "users", out, encoder)[0]
     if stop < 3:
         out.item_features = features
         return out
-    graph_art = graph.run(cfg.graph, data, cache, features, items_art.key)
+    graph_art = graph.run(cfg.graph, data, cache, features, features_key)
     out.artifacts["graph"] = graph_art
     out.item_features = graph.load_item_star(graph_art)
     return out
@@ -99,6 +125,29 @@ def modality_inputs(cfg: DictConfig) -> Inputs:
         log.info("text modality: the encode stage's item embeddings (%s)", cfg.encoder.model)
     inputs.item_features = inputs.user_features = None  # the models take the modalities only
     return inputs
+
+
+def prepare_inputs(cfg: DictConfig) -> Inputs:
+    """Data plus the inputs the model class declares it needs (``needs``, see :mod:`mllmrec.models.base`):
+    ``"features"``: the stage artifacts (reason -> encode -> graph); ``"modalities"``: the item
+    modality features; ``"ids"``: the interactions only."""
+    needs = get_class(cfg.model._target_).needs
+    if needs == "features":
+        return build_inputs(cfg)
+    if needs == "modalities":
+        return modality_inputs(cfg)
+    mconfig.validate(cfg)
+    return Inputs(load_data(cfg))
+
+
+def build_model(cfg: DictConfig, inputs: Inputs):
+    """``cfg.model`` instantiated (its ``optimizer`` node as a factory), called with ``inputs``, and
+    given the run's evaluation settings (``cfg.eval``)."""
+    if "optimizer" not in cfg.model:
+        raise ConfigError("model.optimizer", "missing: every model needs an optimizer node (conf/model/*.yaml)")
+    model = instantiate(cfg.model, _partial_=True)(inputs)
+    model.eval_spec = EvalSpec.from_config(cfg.get("eval"))
+    return model
 
 
 def stage_cli(stage: str) -> None:

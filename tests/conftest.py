@@ -78,6 +78,14 @@ def compose_cfg(tiny_dir, tmp_path):
     return _compose
 
 
+def llm_settings(cfg):
+    """The checked ``llm`` settings of a composed config: what :func:`mllmrec.pipeline.build_inputs`
+    hands the describe and reason stages."""
+    from mllmrec.llm.settings import LLMSettings
+
+    return LLMSettings.from_config(cfg.llm)
+
+
 def run_module(module: str, *args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m <module> <args>`` with the test interpreter, offline, output captured as text."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")

@@ -12,8 +12,11 @@ import torch
 from mllmrec.data import RecData
 
 
-def planted_data(n_clusters=4, users_per=12, items_per=15, per_user=8, dim=16, seed=0, signal=1.0):
-    """``signal=0``: features carry no cluster information (the model must learn from the IDs)."""
+def planted_data(n_clusters=4, users_per=12, items_per=15, per_user=8, dim=16, seed=0, signal=1.0,
+                 modalities=("text",)):
+    """``signal=0``: features carry no cluster information (the model must learn from the IDs).
+    ``modalities=("text", "image")`` adds an image modality: other cluster centres (12-d) + noise,
+    drawn after the text features (the text features are the same either way)."""
     rng = np.random.default_rng(seed)
     users, items, split = [], [], []
     for c in range(n_clusters):
@@ -27,7 +30,12 @@ def planted_data(n_clusters=4, users_per=12, items_per=15, per_user=8, dim=16, s
     data = RecData("planted", n_users, n_items, np.array(users), np.array(items), np.array(split, np.int8))
     centres = rng.standard_normal((n_clusters, dim))
     feats = signal * np.repeat(centres, items_per, axis=0) + 0.3 * rng.standard_normal((n_items, dim))
-    return data, {"text": feats.astype(np.float32)}
+    mods = {"text": feats.astype(np.float32)}
+    if "image" in modalities:
+        image_centres = rng.standard_normal((n_clusters, 12))
+        image = signal * np.repeat(image_centres, items_per, axis=0) + 0.3 * rng.standard_normal((n_items, 12))
+        mods["image"] = image.astype(np.float32)
+    return data, {m: mods[m] for m in modalities}
 
 
 def val_recall_before_after(model, data, epochs=15, batch_size=64) -> tuple[float, float]:

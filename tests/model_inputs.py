@@ -1,5 +1,5 @@
 """The ``inputs`` argument of a module built directly in a test (``Module(inputs, ...)``, see
-:mod:`mllmrec.model`): a dataset whose training split is ``train`` (no valid/test rows) and the
+:mod:`mllmrec.models.base`): a dataset whose training split is ``train`` (no valid/test rows) and the
 given features."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from mllmrec.data import RecData
-from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs
 
 
 def inputs_of(train=None, shape: tuple[int, int] | None = None, **features) -> Inputs:

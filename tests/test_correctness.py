@@ -10,12 +10,18 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
-from mllmrec.baselines import BPRModule, LightGCNModule, emb_reg, mmrec_bpr
-from mllmrec.datamodule import RecDataModule, TripletEpochs
-from mllmrec.metrics import METRICS
-from mllmrec.model import MLLMRecModule, RankingModule, SymmetricGraph, bipartite_norm_adj, bpr_loss, lightgcn_layers
 from model_inputs import inputs_of
+
+from mllmrec.datamodule import RecDataModule, TripletEpochs
+from mllmrec.metrics import EvalSpec
+
+METRICS = EvalSpec.default().names
+from mllmrec.models.base import RankingModule
+from mllmrec.models.bpr import BPRModule
+from mllmrec.models.layers import SymmetricGraph, bipartite_norm_adj, lightgcn_layers
+from mllmrec.models.lightgcn import LightGCNModule
+from mllmrec.models.losses import bpr_logsigmoid, bpr_sigmoid_eps, emb_reg
+from mllmrec.models.mllmrec import MLLMRecModule
 
 
 def _rand(*shape, seed=0):
@@ -34,17 +40,17 @@ def _hand_bpr(u, p, n, eps=0.0):
 # ---------------------------------------------------------------- losses by hand
 def test_bpr_loss_by_hand():
     u, p, n = _rand(7, 5, seed=1), _rand(7, 5, seed=2), _rand(7, 5, seed=3)
-    assert float(bpr_loss(u, p, n)) == pytest.approx(_hand_bpr(u, p, n), rel=1e-12)
+    assert float(bpr_logsigmoid(u, p, n)) == pytest.approx(_hand_bpr(u, p, n), rel=1e-12)
     # a positive scored above the negative costs less than log 2, below it more
     one = torch.ones(1, 1, dtype=torch.float64)
-    assert float(bpr_loss(one, 2 * one, one)) == pytest.approx(math.log(1 + math.exp(-1)))
-    assert float(bpr_loss(one, one, 2 * one)) == pytest.approx(math.log(1 + math.exp(1)))
+    assert float(bpr_logsigmoid(one, 2 * one, one)) == pytest.approx(math.log(1 + math.exp(-1)))
+    assert float(bpr_logsigmoid(one, one, 2 * one)) == pytest.approx(math.log(1 + math.exp(1)))
 
 
 def test_mmrec_bpr_and_emb_loss_by_hand():
     pos, neg = _rand(6, seed=4), _rand(6, seed=5)
     expected = sum(-math.log(1e-10 + 1 / (1 + math.exp(-(a - b)))) for a, b in zip(pos.tolist(), neg.tolist())) / 6
-    assert float(mmrec_bpr(pos, neg)) == pytest.approx(expected, rel=1e-12)
+    assert float(bpr_sigmoid_eps(pos, neg)) == pytest.approx(expected, rel=1e-12)
     # MMRec's EmbLoss(norm=2): sum of the (not squared) Frobenius norms / batch size
     a, b = _rand(4, 3, seed=6), _rand(4, 3, seed=7)
     frob = [math.sqrt(sum(x * x for row in t.tolist() for x in row)) for t in (a, b)]

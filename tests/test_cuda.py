@@ -7,21 +7,20 @@ the same input, so a check cannot pass by accident on the device.
 
 from __future__ import annotations
 
-import json
 import csv
+import json
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
 from conftest import run_module, tiny_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_knn_candidates_cuda_matches_numpy():
-    from mllmrec.graph import knn_candidates
+    from mllmrec.item_graph import knn_candidates
 
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((700, 48)).astype(np.float32)
@@ -34,7 +33,7 @@ def test_knn_candidates_cuda_matches_numpy():
 
 
 def test_metrics_cuda_match_cpu():
-    from mllmrec.metrics import evaluate_batch, make_eval_batch
+    from mllmrec.metrics import EvalSpec, evaluate_batch, make_eval_batch
 
     rng = np.random.default_rng(1)
     n_users, n_items = 64, 300
@@ -44,8 +43,9 @@ def test_metrics_cuda_match_cpu():
     users = np.flatnonzero(np.diff(heldout.indptr) > 0)
     batch = make_eval_batch(users, train, heldout)
     scores = torch.from_numpy(rng.standard_normal((len(users), n_items)).astype(np.float32))
-    cpu = evaluate_batch(scores.clone(), batch)
-    gpu = evaluate_batch(scores.cuda(), {k: v.cuda() for k, v in batch.items()})
+    ks = EvalSpec.default().topk
+    cpu = evaluate_batch(scores.clone(), batch, ks)
+    gpu = evaluate_batch(scores.cuda(), {k: v.cuda() for k, v in batch.items()}, ks)
     assert set(cpu) == set(gpu)
     for key in cpu:
         assert gpu[key].device.type == "cuda"
@@ -54,7 +54,7 @@ def test_metrics_cuda_match_cpu():
 
 
 def test_symmetric_graph_cuda_forward_backward():
-    from mllmrec.model import bipartite_norm_adj
+    from mllmrec.models.layers import bipartite_norm_adj
 
     train = sp.random(40, 60, density=0.1, format="csr", random_state=4)
     graph = bipartite_norm_adj(train)
@@ -120,7 +120,7 @@ def test_gpu_batch_loss_matches_the_deduplicated_cpu_one():
     """On CUDA the towers run on the batch's rows as drawn, on CPU on the distinct rows: same loss/grads."""
     from model_inputs import inputs_of
 
-    from mllmrec.model import MLLMRecModule
+    from mllmrec.models.mllmrec import MLLMRecModule
 
     gen = torch.Generator().manual_seed(9)
     users_f, items_f = torch.randn(30, 16, generator=gen), torch.randn(25, 16, generator=gen)
@@ -145,7 +145,7 @@ def test_gpu_batch_loss_matches_the_deduplicated_cpu_one():
 def test_captured_step_matches_the_eager_static_step_and_the_normal_step():
     from test_static_step import make_model, triplets
 
-    from mllmrec.static_step import ReplayableAdam, StaticStep
+    from mllmrec.models.static_step import ReplayableAdam, StaticStep
 
     models = {k: make_model(seed=0).cuda() for k in ("captured", "eager", "normal")}
     opts = {k: ReplayableAdam(m.parameters(), lr=1e-2, fused=True, capturable=True) for k, m in models.items()}

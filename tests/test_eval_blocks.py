@@ -9,8 +9,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from mllmrec.metrics import METRICS, make_eval_batch
-from mllmrec.model import RankingModule
+from mllmrec.metrics import EvalSpec, make_eval_batch
+
+METRICS = EvalSpec.default().names
+from mllmrec.models.base import RankingModule
 
 N_USERS, N_ITEMS, DIM = 90, 260, 16
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to .self.log")  # no Trainer here

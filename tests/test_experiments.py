@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import run_module, tiny_overrides
 
 
@@ -53,7 +52,7 @@ def test_wo_rs_replaces_the_user_inputs_only(tiny_dir, shared_out, full):
 
 
 def test_gcn_ui_changes_the_representations(tiny_dir, shared_out, full):
-    from mllmrec.train import build_model
+    from mllmrec.pipeline import build_model
 
     cfg, inputs = full
     plain = build_model(cfg, inputs)
@@ -129,8 +128,11 @@ def test_visualize_writes_a_tsne_png(bpr_run):
 
 
 @pytest.mark.slow
-def test_a_run_dir_of_the_older_model_config_reopens(bpr_run, tmp_path):
-    """Run dirs written before ``model.optimizer`` (``model.lr``, ``needs_features``) still load."""
+@pytest.mark.parametrize("era", ["before_optimizer", "before_zoo"])
+def test_a_run_dir_of_an_older_model_config_reopens(bpr_run, tmp_path, era):
+    """Run dirs written by older versions still load: before the model zoo (``_target_``
+    ``mllmrec.baselines.BPRModule``) and, before that, before ``model.optimizer`` (``model.lr``,
+    ``needs_features``)."""
     import shutil
 
     import torch
@@ -142,13 +144,22 @@ def test_a_run_dir_of_the_older_model_config_reopens(bpr_run, tmp_path):
     shutil.copytree(bpr_run, old)
     cfg = OmegaConf.load(old / ".hydra" / "config.yaml")
     model = OmegaConf.to_container(cfg.model, resolve=False)
-    optimizer = model.pop("optimizer")
-    model.update(needs_features=False, lr=optimizer["lr"] * 3, weight_decay=0.5)
+    model["_target_"] = "mllmrec.baselines.BPRModule"
+    optimizer = dict(model["optimizer"])
+    if era == "before_optimizer":
+        model.pop("optimizer")
+        model.update(needs_features=False, lr=optimizer["lr"] * 3, weight_decay=0.5)
     cfg.model = OmegaConf.create(model)
     OmegaConf.save(cfg, old / ".hydra" / "config.yaml")
 
     new_run, old_run = load_run(bpr_run), load_run(old)
-    assert old_run.cfg.model.optimizer.lr == optimizer["lr"] * 3 and old_run.cfg.model.optimizer.weight_decay == 0.5
-    assert "needs_features" not in old_run.cfg.model
+    assert old_run.cfg.model._target_ == "mllmrec.models.bpr.BPRModule"
+    if era == "before_optimizer":
+        assert old_run.cfg.model.optimizer.lr == optimizer["lr"] * 3 and old_run.cfg.model.optimizer.weight_decay == 0.5
+        assert "needs_features" not in old_run.cfg.model
+    else:
+        assert OmegaConf.to_container(old_run.cfg.model.optimizer) == optimizer
     for a, b in zip(new_run.model.representations(), old_run.model.representations()):
         assert torch.equal(a, b)
+    proc = run_module("mllmrec.recommend", f"run_dir={old}", "topk=3", "user=2", cwd=old)
+    assert proc.returncode == 0 and "user 2:" in proc.stdout, proc.stderr[-2000:]

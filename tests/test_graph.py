@@ -1,4 +1,4 @@
-"""mllmrec.graph against an independent dense numpy implementation of SPEC Eq. 6-12."""
+"""mllmrec.item_graph against an independent dense numpy implementation of SPEC Eq. 6-12."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from mllmrec.graph import (
+from mllmrec.item_graph import (
     cooccurrence_topk,
     denoised_knn,
     knn_candidates,

@@ -123,3 +123,20 @@ def test_no_function_over_the_limit():
                 if n > MAX_FUNCTION_LINES:
                     long[f"{_rel(path)}:{node.name}"] = n
     assert long == {}
+
+
+SHARED_MODEL_MODULES = {"__init__", "base", "layers", "losses", "knn_graphs", "modalities", "static_step"}
+
+
+def test_every_model_config_names_its_own_file_and_module():
+    """The zoo's rule (MMRec's ``models/<name>.py`` + ``configs/model/<NAME>.yaml``): config name =
+    file name = ``_target_`` module, and every file of ``mllmrec/models`` is a model or a shared piece."""
+    import yaml
+
+    configs = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((ROOT / "conf" / "model").glob("*.yaml"))}
+    wrong = {name: node.get("_target_") for name, node in configs.items()
+             if str(node.get("_target_")).rpartition(".")[0] != f"mllmrec.models.{name}"
+             or not (ROOT / "mllmrec" / "models" / f"{name}.py").is_file()}
+    assert wrong == {}
+    files = {p.stem for p in (ROOT / "mllmrec" / "models").glob("*.py")}
+    assert files - SHARED_MODEL_MODULES - set(configs) == set()  # no model file without its config

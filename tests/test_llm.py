@@ -12,6 +12,7 @@ import time
 import pandas as pd
 import pytest
 
+from conftest import llm_settings
 from llm_fakes import FakeLLM, StubServer, sent_prompts
 from mllmrec.cache import ArtifactCache
 from mllmrec.errors import ConfigError, DataError, MLLMRecError
@@ -87,7 +88,7 @@ def test_describe_hands_whole_chunks_to_llm_chat(compose_cfg, tiny_data, image_d
 
     base = ("llm=vllm", f"describe.image_dir={image_dir}", "llm.chunk_size=8", "llm.engine.max_model_len=4096")
     cfg = compose_cfg(*base)
-    art = describe.run(cfg.describe, cfg.llm, tiny_data, _cache(cfg), cfg.dataset.display_name)
+    art = describe.run(cfg.describe, llm_settings(cfg), tiny_data, _cache(cfg), cfg.dataset.display_name)
     (engine,) = fake_engine
     assert engine.model == "google/gemma-3-27b-it"
     assert engine.kwargs["max_model_len"] == 4096 and engine.kwargs["limit_mm_per_prompt"] == {"image": 1}
@@ -114,13 +115,13 @@ def test_describe_hands_whole_chunks_to_llm_chat(compose_cfg, tiny_data, image_d
 
     # unchanged settings: reused, nothing sent; a changed prompt or sampling option regenerates
     # (on the same loaded engine: it is kept for the next stage until release_engines)
-    again = describe.run(cfg.describe, cfg.llm, tiny_data, _cache(cfg), cfg.dataset.display_name)
+    again = describe.run(cfg.describe, llm_settings(cfg), tiny_data, _cache(cfg), cfg.dataset.display_name)
     assert again.reused and again.key == art.key and len(engine.answered) == 20
     changed_cfg = compose_cfg(*base, "describe.prompt='Describe this {dataset_name} product.'")
-    changed = describe.run(changed_cfg.describe, cfg.llm, tiny_data, _cache(cfg), cfg.dataset.display_name)
+    changed = describe.run(changed_cfg.describe, llm_settings(cfg), tiny_data, _cache(cfg), cfg.dataset.display_name)
     assert changed.key != art.key and len(engine.answered) == 40
     assert engine.calls[-1][0][0]["content"][1]["text"] == f"Describe this {cfg.dataset.display_name} product."
-    other_sampling = describe.run(cfg.describe, compose_cfg(*base, "llm.sampling.temperature=0.2").llm,
+    other_sampling = describe.run(cfg.describe, llm_settings(compose_cfg(*base, "llm.sampling.temperature=0.2")),
                                   tiny_data, _cache(cfg), cfg.dataset.display_name)
     assert other_sampling.key not in (art.key, changed.key) and len(engine.answered) == 60
     assert engine.sampling_params.temperature == 0.2 and len(fake_engine) == 1
@@ -133,7 +134,7 @@ def test_missing_vllm_is_one_line_with_the_install_command(compose_cfg, tiny_dat
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError, installed or not
     cfg = compose_cfg("llm=vllm")
     with pytest.raises(ConfigError) as ei:
-        reason.run(cfg.reason, cfg.llm, tiny_data, _cache(cfg))
+        reason.run(cfg.reason, llm_settings(cfg), tiny_data, _cache(cfg))
     msg = str(ei.value)
     assert "\n" not in msg and "pip install 'mllmrec[vllm]'" in msg and "CUDA" in msg
     assert not list((_cache(cfg).root / "tiny" / "reason").glob("[!.]*"))  # nothing published
@@ -153,7 +154,7 @@ def test_interrupted_run_resumes_without_resending_or_duplicating(compose_cfg, t
     cache = _cache(cfg)
     monkeypatch.setattr(backends, "ENGINE_FACTORY", CrashAfterTwo)
     with pytest.raises(RuntimeError, match="fake engine crashed"):
-        reason.run(cfg.reason, cfg.llm, tiny_data, cache)
+        reason.run(cfg.reason, llm_settings(cfg), tiny_data, cache)
     first = sent_prompts(FakeLLM.instances)
     assert len(first) == 12  # two chunks answered, then the crash
     stage_dir = cache.root / "tiny" / "reason"
@@ -163,7 +164,7 @@ def test_interrupted_run_resumes_without_resending_or_duplicating(compose_cfg, t
 
     FakeLLM.instances = []
     monkeypatch.setattr(backends, "ENGINE_FACTORY", FakeLLM)
-    art = reason.run(cfg.reason, cfg.llm, tiny_data, cache)
+    art = reason.run(cfg.reason, llm_settings(cfg), tiny_data, cache)
     second = sent_prompts(FakeLLM.instances)
     assert len(second) == tiny_data.n_users - 12 and not set(first) & set(second)  # finished ones not sent again
     df = pd.read_parquet(art.file(reason.OUTPUT))
@@ -199,7 +200,7 @@ def test_openai_retries_429_and_5xx_then_succeeds(compose_cfg, tiny_data, monkey
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     with StubServer(fail_first=2, fail_statuses=(429, 500)) as server:
         cfg = _openai(compose_cfg, server, "llm.concurrency=4", "llm.chunk_size=16")
-        art = reason.run(cfg.reason, cfg.llm, tiny_data, _cache(cfg))
+        art = reason.run(cfg.reason, llm_settings(cfg), tiny_data, _cache(cfg))
     n = tiny_data.n_users
     assert len(server.requests) == 3 * n and len(server.ok_requests()) == n
     assert sorted(r["status"] for r in server.requests).count(429) == n
@@ -218,7 +219,7 @@ def test_openai_other_4xx_stops_with_one_line(compose_cfg, tiny_data):
     with StubServer(fatal=(400, "model 'stub-model' does not exist\nat all")) as server:
         cfg = _openai(compose_cfg, server)
         with pytest.raises(MLLMRecError) as ei:
-            reason.run(cfg.reason, cfg.llm, tiny_data, _cache(cfg))
+            reason.run(cfg.reason, llm_settings(cfg), tiny_data, _cache(cfg))
     msg = str(ei.value)
     assert "\n" not in msg and "HTTP 400" in msg and "model 'stub-model' does not exist at all" in msg
     # a 4xx is not retried, and the rest of the chunk is cancelled (a few may already be in flight)
@@ -232,16 +233,14 @@ def test_openai_gives_up_after_max_retries(compose_cfg, tiny_data):
     with StubServer(fail_first=100, fail_statuses=(503,)) as server:
         cfg = _openai(compose_cfg, server, "llm.max_retries=2", "llm.concurrency=1", "llm.chunk_size=1")
         with pytest.raises(MLLMRecError, match=r"gave up after 3 attempts: HTTP 503"):
-            reason.run(cfg.reason, cfg.llm, tiny_data, _cache(cfg))
+            reason.run(cfg.reason, llm_settings(cfg), tiny_data, _cache(cfg))
     assert len(server.requests) == 3
 
 
-def test_openai_concurrency_is_bounded_and_used():
-    from omegaconf import OmegaConf
-
+def test_openai_concurrency_is_bounded_and_used(compose_cfg):
     with StubServer(delay=0.05) as server:
-        llm = OmegaConf.create({"backend": "openai", "base_url": f"{server.url}/v1", "model": "m",
-                                "concurrency": 4, "max_retries": 0, "sampling": {"max_tokens": 8}})
+        llm = llm_settings(compose_cfg("llm=openai", f"llm.base_url={server.url}/v1", "llm.model=m",
+                                       "llm.concurrency=4", "llm.max_retries=0", "llm.sampling.max_tokens=8"))
         backend = backends.make_backend(llm)
         try:
             t0 = time.perf_counter()
@@ -268,10 +267,10 @@ def test_images_are_downloaded_once_with_retries(compose_cfg, tiny_copy, fake_en
         meta.to_csv(tiny_copy / "meta-tiny.csv", index=False)
         data = load_dataset("tiny", tiny_copy)
         cfg = compose_cfg("llm=vllm", "describe.download.backoff=0.01", data_dir=tiny_copy)
-        art = describe.run(cfg.describe, cfg.llm, data, _cache(cfg), cfg.dataset.display_name)
+        art = describe.run(cfg.describe, llm_settings(cfg), data, _cache(cfg), cfg.dataset.display_name)
         gets = dict(server.image_gets)
         # nothing fetched again (failures are remembered)
-        again = describe.run(cfg.describe, cfg.llm, data, _cache(cfg), cfg.dataset.display_name)
+        again = describe.run(cfg.describe, llm_settings(cfg), data, _cache(cfg), cfg.dataset.display_name)
         assert server.image_gets == gets
     assert gets["1.png"] == 2 and gets["2.png"] == 1 and gets["3.png"] == 1  # retried 500, not 404 / not-an-image
     images = _cache(cfg).root / "tiny" / "images"
@@ -295,8 +294,8 @@ def test_replay_reads_the_official_layouts(compose_cfg, tiny_data, tmp_path, cap
     cfg = compose_cfg("llm=replay", f"llm.items_file={tmp_path / 'output_image2text.csv'}",
                       f"llm.users_file={tmp_path / 'user_preferences.csv'}")
     with caplog.at_level(logging.WARNING):
-        d = describe.run(cfg.describe, cfg.llm, tiny_data, _cache(cfg), cfg.dataset.display_name)
-        r = reason.run(cfg.reason, cfg.llm, tiny_data, _cache(cfg))
+        d = describe.run(cfg.describe, llm_settings(cfg), tiny_data, _cache(cfg), cfg.dataset.display_name)
+        r = reason.run(cfg.reason, llm_settings(cfg), tiny_data, _cache(cfg))
     assert describe.load_texts(d) == [f"img {i}" for i in range(30)]  # image_description, not description
     assert reason.load_texts(r) == [f"pref {u}" for u in range(38)] + ["", ""]
     assert r.manifest["counts"]["missing_ids"] == 2 and any("2 of 40 users" in m for m in caplog.messages)
@@ -304,17 +303,17 @@ def test_replay_reads_the_official_layouts(compose_cfg, tiny_data, tmp_path, cap
     users.loc[5, "userID"] = 40
     users.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(DataError) as ei:
-        reason.run(cfg.reason, compose_cfg("llm=replay", f"llm.users_file={tmp_path / 'bad.csv'}").llm, tiny_data,
-                   _cache(cfg))
+        reason.run(cfg.reason, llm_settings(compose_cfg("llm=replay", f"llm.users_file={tmp_path / 'bad.csv'}")),
+                   tiny_data, _cache(cfg))
     assert str(ei.value) == f"{tmp_path / 'bad.csv'}: column 'userID', line 7: user id 40 is not in the dataset (40 users)"
 
     users.loc[5, "userID"] = 4
     users.rename(columns={"preference": "pref_text"}).to_parquet(tmp_path / "u.parquet")
     with pytest.raises(DataError, match="duplicate user id 4"):
-        reason.run(cfg.reason, compose_cfg("llm=replay", f"llm.users_file={tmp_path / 'u.parquet'}",
-                                           "llm.user_text_column=pref_text").llm, tiny_data, _cache(cfg))
+        reason.run(cfg.reason, llm_settings(compose_cfg("llm=replay", f"llm.users_file={tmp_path / 'u.parquet'}",
+                                                        "llm.user_text_column=pref_text")), tiny_data, _cache(cfg))
     with pytest.raises(ConfigError, match="llm.users_file"):
-        reason.run(cfg.reason, compose_cfg("llm=replay").llm, tiny_data, _cache(cfg))
+        reason.run(cfg.reason, llm_settings(compose_cfg("llm=replay")), tiny_data, _cache(cfg))
 
 
 # ---------------------------------------------------------------- the API key is never written

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import run_module, tiny_overrides
+from conftest import llm_settings, run_module, tiny_overrides
 from llm_fakes import sent_prompts
 from mllmrec.cache import ArtifactCache
 from mllmrec.errors import ConfigError
@@ -24,7 +25,7 @@ def _reason(compose_cfg, tiny_data, *over, cache=None):
     from mllmrec.stages import reason
 
     cfg = compose_cfg("llm=vllm", "llm.chunk_size=8", *over)
-    return reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cache or cfg.paths.cache_dir, "tiny"))
+    return reason.run(cfg.reason, llm_settings(cfg), tiny_data, ArtifactCache(cache or cfg.paths.cache_dir, "tiny"))
 
 
 def _users(art) -> pd.DataFrame:
@@ -36,7 +37,8 @@ def _all_prompts(compose_cfg, tiny_data) -> list[str]:
     from mllmrec.stages import reason
 
     cfg = compose_cfg()
-    requests, _, _ = reason.build_requests(cfg.reason, cfg.llm, tiny_data, item_texts(tiny_data), "train")
+    requests, _ = reason.build_requests(reason.ReasonSettings.from_config(cfg.reason), None, tiny_data,
+                                        item_texts(tiny_data))
     return [r.text for r in requests]
 
 
@@ -146,3 +148,96 @@ def test_vllm_config_errors_become_one_line():
         vllm_engine.load(refuse, "m", {"max_num_seqs": "x"})
     assert "\n" not in str(err.value) and "max_num_seqs Input should be a valid integer" in str(err.value)
     assert str(err.value).startswith("config 'llm.engine': vLLM refused the engine settings for m")
+
+
+# ------------------------------------------------------------------ select before building
+FITTED = ("reason.max_prompt_tokens=90", "reason.min_item_chars=40", "reason.tokenizer=chars")  # every prompt fitted
+
+
+def _full_build_then_select(cfg, data, cache_dir):
+    """The reference: the order before llm.limit / llm.shard picked first. Every user's prompt is
+    fitted, then the selection is applied to the requests, then the runner answers the chosen ones."""
+    from mllmrec.stages import reason
+    from mllmrec.texts import item_texts
+
+    rs, llm = reason.ReasonSettings.from_config(cfg.reason), llm_settings(cfg)
+    requests, counts = reason.build_requests(rs, llm.model, data, item_texts(data))
+    picked = runner.pick("reason", [r.id for r in requests], llm.selection)
+    chosen = [r for r in requests if r.id in set(picked.chosen)]
+    return runner.generate(ArtifactCache(cache_dir, "tiny"), "reason", llm, id_column="userID", n_rows=data.n_users,
+                           requests=chosen, picked=picked, prompt=rs.prompt, output="users.parquet",
+                           assembly={"postprocess": rs.postprocess, "history": rs.history},
+                           fill_reason="empty_history", counts=counts)
+
+
+def _saved(cache_dir) -> list[tuple]:
+    """Every saved answer of the reason stage's work folders, sorted."""
+    parts = sorted((Path(cache_dir) / "tiny" / "reason").glob(".work-*/part-*.parquet"))
+    rows = [tuple(r) for p in parts for r in pd.read_parquet(p).itertuples(index=False)]
+    return sorted(rows)
+
+
+@pytest.mark.parametrize("over", [(), ("llm.limit=6",), ("llm.limit=6", "llm.limit_seed=3")])
+def test_selecting_first_gives_the_artifact_of_building_everything_first(compose_cfg, tiny_data, fake_engine,
+                                                                         tmp_path, over):
+    cfg = compose_cfg("llm=vllm", "llm.chunk_size=4", *FITTED, *over)
+    new = _reason(compose_cfg, tiny_data, "llm.chunk_size=4", *FITTED, *over, cache=tmp_path / "new")
+    sent = sent_prompts(fake_engine)
+    ref = _full_build_then_select(cfg, tiny_data, tmp_path / "ref")
+    assert sent_prompts(fake_engine)[len(sent):] == sent  # the same prompts, bit for bit, in the same order
+    assert new.key == ref.key and new.manifest["config"] == ref.manifest["config"]
+    pd.testing.assert_frame_equal(_users(new), _users(ref))
+    assert _saved(tmp_path / "new") == _saved(tmp_path / "ref")
+    for key in ("requests", "over_limit", "finish_reasons", "users_without_history", "prompt_tokens"):
+        assert new.manifest["counts"][key] == ref.manifest["counts"][key], key
+    assert new.manifest["counts"]["prompts_fitted"] == len(sent)  # counted over the prompts built
+
+
+@pytest.mark.parametrize("limit, missing", [((), (26, 13, 0)), (("llm.limit=8",), (5, 2, 0))])
+def test_shards_save_and_merge_what_building_everything_first_did(compose_cfg, tiny_data, fake_engine, tmp_path,
+                                                                  limit, missing):
+    for shard in range(3):
+        over = ("llm.chunk_size=4", *FITTED, *limit, "llm.num_shards=3", f"llm.shard={shard}")
+        # other shards' prompts are not built: what is known unanswered are their ids without any answer
+        status = f"at least {missing[shard]} requests of other shards are not answered yet: " if missing[shard] else ""
+        with pytest.raises(runner.ShardDone, match=re.escape(f"generated now); {status}run without llm.shard")):
+            _reason(compose_cfg, tiny_data, *over, cache=tmp_path / "new")
+        with pytest.raises(runner.ShardDone, match=f"shard {shard} of 3 is done"):
+            _full_build_then_select(compose_cfg("llm=vllm", *over), tiny_data, tmp_path / "ref")
+        assert _saved(tmp_path / "new") == _saved(tmp_path / "ref"), shard
+    sent = len(sent_prompts(fake_engine))
+    merged = _reason(compose_cfg, tiny_data, "llm.chunk_size=4", *FITTED, *limit, cache=tmp_path / "new")
+    ref = _full_build_then_select(compose_cfg("llm=vllm", "llm.chunk_size=4", *FITTED, *limit), tiny_data,
+                                  tmp_path / "ref")
+    assert len(sent_prompts(fake_engine)) == sent  # both merges found every answer saved
+    assert merged.key == ref.key
+    pd.testing.assert_frame_equal(_users(merged), _users(ref))
+
+
+@pytest.mark.parametrize("over, users", [
+    (("llm.limit=6",), list(range(6))),
+    (("llm.limit=6", "llm.limit_seed=3"), sorted(__import__("random").Random(3).sample(range(40), 6))),
+    (("llm.limit=8", "llm.num_shards=3", "llm.shard=1"), [1, 4, 7]),
+    (("llm.num_shards=4", "llm.shard=2"), list(range(2, 40, 4))),
+])
+def test_only_the_selected_prompts_are_fitted_and_tokenized(compose_cfg, tiny_data, fake_engine, monkeypatch,
+                                                            over, users):
+    from mllmrec.llm import prompts
+    from mllmrec.texts import item_texts
+
+    fitted, counted = [], []
+    fit, count = prompts.fit_behaviour_list, prompts.TokenCounter.count
+    monkeypatch.setattr(prompts, "fit_behaviour_list", lambda entries, *a, **k: fitted.append(list(entries))
+                        or fit(entries, *a, **k))
+    monkeypatch.setattr(prompts.TokenCounter, "count", lambda self, text: counted.append(text) or count(self, text))
+    try:
+        _reason(compose_cfg, tiny_data, *FITTED, *over)
+    except runner.ShardDone:
+        pass
+    texts, histories = item_texts(tiny_data), tiny_data.history("train")  # every tiny user has a history
+    assert fitted == [[texts[i] for i in histories[u]] for u in users]
+    in_run = len(counted)
+    for u in users:  # the same users fitted on their own: the token counts fitting them needs
+        fit([texts[i] for i in histories[u]], compose_cfg().reason.prompt, 90, prompts.TokenCounter("chars"),
+            min_item_chars=40)
+    assert in_run == (len(counted) - in_run) + len(users)  # + one count per request for the pre-run line

@@ -10,7 +10,10 @@ import scipy.sparse as sp
 import torch
 from torchmetrics.retrieval import RetrievalNormalizedDCG, RetrievalRecall
 
-from mllmrec.metrics import KS, METRICS, evaluate_batch, make_eval_batch, recall_ndcg
+from mllmrec.metrics import EvalSpec, evaluate_batch, make_eval_batch, recall_ndcg
+
+KS = EvalSpec.default().topk
+METRICS = EvalSpec.default().names
 
 
 def random_case(seed: int, n_users: int, n_items: int, max_train: int, max_heldout: int):
@@ -65,7 +68,7 @@ def test_matches_torchmetrics(seed, n_users, n_items, max_train, max_heldout):
     per_user = {m: [] for m in METRICS}
     for chunk in np.array_split(users, 2):
         batch = make_eval_batch(chunk, train, held)
-        out = evaluate_batch(scores_all[torch.from_numpy(chunk)], batch)  # a copy: masking may be in place
+        out = evaluate_batch(scores_all[torch.from_numpy(chunk)], batch, KS)  # a copy: masking may be in place
         assert set(out) == set(METRICS)
         for m, v in out.items():
             assert v.shape == (len(chunk),)
@@ -82,7 +85,7 @@ def test_per_user_values_match_torchmetrics():
     """Not just the means: every user's value agrees with a one-user torchmetrics computation."""
     train, held, scores = random_case(7, 12, 30, 8, 12)
     users = np.arange(12)
-    out = evaluate_batch(scores.clone(), make_eval_batch(users, train, held))  # may mask in place
+    out = evaluate_batch(scores.clone(), make_eval_batch(users, train, held), KS)  # may mask in place
     for u in users:
         for k in KS:
             r, n = torchmetrics_reference(scores[u : u + 1], np.array([u]), train, held, k)
@@ -96,7 +99,7 @@ def test_hand_computed_single_user():
     scores = torch.arange(n_items, 0, -1, dtype=torch.float32).unsqueeze(0)
     train = sp.csr_matrix(([1.0], ([0], [0])), shape=(1, n_items))
     held = sp.csr_matrix(([1.0, 1.0], ([0, 0], [2, 15])), shape=(1, n_items))
-    out = evaluate_batch(scores, make_eval_batch(np.array([0]), train, held))
+    out = evaluate_batch(scores, make_eval_batch(np.array([0]), train, held), KS)
     # after masking item 0: item 2 is at rank 2, item 15 at rank 15
     dcg10 = 1 / math.log2(3)
     dcg20 = 1 / math.log2(3) + 1 / math.log2(16)

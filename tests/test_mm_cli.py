@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_module, tiny_overrides
 
 
@@ -50,7 +49,7 @@ def test_plug_in_experiment_writes_the_figure_3_chart(tiny_dir, tmp_path):
 
 
 def test_plug_in_table_means_over_seeds_and_gain():
-    from mllmrec.mm.plug_in import plug_in_table
+    from mllmrec.sweep.plug_in import plug_in_table
 
     df = pd.DataFrame({
         "model": ["freedom"] * 4, "graph.refine": ["False", "False", "True", "True"], "status": ["completed"] * 4,

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
-
 from mm_planted import hand_case, planted_data, val_recall_before_after
 from model_inputs import inputs_of
 
-from mllmrec.model import adam
-from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs, adam
 
 N_USERS, N_ITEMS, K = 5, 7, 3
 
@@ -23,7 +20,7 @@ def hand():
 
 
 def lattice(hand, **kw):
-    from mllmrec.mm.lattice import LATTICEModule
+    from mllmrec.models.lattice import LATTICEModule
 
     torch.manual_seed(0)
     return LATTICEModule(inputs_of(hand[0], modalities={"text": hand[1]}), d=4, feat_embed_dim=4, knn_k=K, **kw)
@@ -82,7 +79,7 @@ def test_learned_graph_gets_gradient_on_the_first_batch_of_an_epoch_only(hand):
 
 
 def test_refine_replaces_the_original_graph_only(hand):
-    from mllmrec.graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
+    from mllmrec.item_graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
 
     train, feats, _ = hand
     cfg = {"refine": True, "alpha": 0.3, "k_c": 2, "denoise": True, "enhance": True}
@@ -97,7 +94,7 @@ def test_refine_replaces_the_original_graph_only(hand):
 
 
 def test_learns_planted_structure():
-    from mllmrec.mm.lattice import LATTICEModule
+    from mllmrec.models.lattice import LATTICEModule
 
     data, mods = planted_data()
     torch.manual_seed(0)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from mm_planted import planted_data
+from model_zoo import MODEL_CONFS, has_item_graph_refinement, model_class, small_overrides
 
 
 def heldout_moved(data):
@@ -29,8 +29,8 @@ def heldout_moved(data):
 
 def built_and_trained(compose_cfg, overrides, data, mods):
     from mllmrec.datamodule import RecDataModule
-    from mllmrec.pipeline import Inputs
-    from mllmrec.train import build_model
+    from mllmrec.models.base import Inputs
+    from mllmrec.pipeline import build_model
 
     cfg = compose_cfg(*overrides)
     torch.manual_seed(0)
@@ -44,15 +44,22 @@ def built_and_trained(compose_cfg, overrides, data, mods):
     return built, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-SMALL = ["model.d=16", "model.feat_embed_dim=16"]
+def leakage_cases():
+    """Every model that builds from the interactions (needs ``ids`` or ``modalities``), and its
+    refined-graph form where ``graph.refine`` applies; two modalities (text and image)."""
+    cases = []
+    for name in MODEL_CONFS:
+        if model_class(name).needs == "features":  # MLLMRec: the reason stage's leakage tests (test_pipeline)
+            continue
+        cases.append(pytest.param([f"model={name}", *small_overrides(name)], id=name))
+        if has_item_graph_refinement(name):
+            cases.append(pytest.param([f"model={name}", "graph.refine=true", *small_overrides(name)], id=f"{name}-refined"))
+    return cases
 
 
-@pytest.mark.parametrize("overrides", [["model=vbpr", "model.d=16"], ["model=freedom", *SMALL],
-                                       ["model=freedom", "graph.refine=true", *SMALL], ["model=lattice", *SMALL],
-                                       ["model=lattice", "graph.refine=true", *SMALL], ["model=lgmrec", "model.d=16"]],
-                         ids=["vbpr", "freedom", "freedom-refined", "lattice", "lattice-refined", "lgmrec"])
+@pytest.mark.parametrize("overrides", leakage_cases())
 def test_models_do_not_see_heldout_interactions(compose_cfg, overrides):
-    data, mods = planted_data()
+    data, mods = planted_data(modalities=("text", "image"))
     moved = heldout_moved(data)
     assert (moved.items != data.items).sum() == (data.split != 0).sum() > 0
     np.testing.assert_array_equal(moved.train_matrix.toarray(), data.train_matrix.toarray())

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
 from mm_planted import planted_data, val_recall_before_after
 from model_inputs import inputs_of
 
-from mllmrec.model import adam
-from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs, adam
 
 N_USERS, N_ITEMS = 5, 7
 
@@ -24,7 +22,7 @@ def case():
         train[u, items] = 1
     mods = {"text": rng.standard_normal((N_ITEMS, 6)).astype(np.float32),
             "image": rng.standard_normal((N_ITEMS, 4)).astype(np.float32)}
-    from mllmrec.mm.lgmrec import LGMRecModule
+    from mllmrec.models.lgmrec import LGMRecModule
 
     torch.manual_seed(0)
     model = LGMRecModule(inputs_of(sp.csr_matrix(train), modalities=mods), d=4, hyper_num=3, alpha=0.3,
@@ -97,7 +95,7 @@ def test_training_memberships_are_noisy_distributions(case):
 
 
 def test_learns_planted_structure():
-    from mllmrec.mm.lgmrec import LGMRecModule
+    from mllmrec.models.lgmrec import LGMRecModule
 
     # uninformative features: even so, its untrained propagation of random projections over the
     # user-item graph already finds most of the blocks (about 0.9); training must close the gap

@@ -6,12 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from mm_planted import hand_case, planted_data, val_recall_before_after
 from model_inputs import inputs_of
 
-from mllmrec.model import adam
-from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs, adam
 
 N_USERS, N_ITEMS = 5, 7
 
@@ -46,7 +44,7 @@ def np_bpr(pos, neg):
 # ---- features as data ---------------------------------------------------------------------------
 def test_feature_file_rows_must_match_items(tmp_path):
     from mllmrec.errors import DataError
-    from mllmrec.mm.features import load_feature_file
+    from mllmrec.models.modalities import load_feature_file
 
     np.save(tmp_path / "text_feat.npy", np.ones((3, 4), np.float32))
     with pytest.raises(DataError, match=r"text_feat.npy: has 3 rows but the dataset has 5 items"):
@@ -60,7 +58,7 @@ def test_feature_file_rows_must_match_items(tmp_path):
 
 def test_missing_modality_is_one_line():
     from mllmrec.errors import ConfigError
-    from mllmrec.mm.features import require_modalities
+    from mllmrec.models.modalities import require_modalities
 
     with pytest.raises(ConfigError, match="VBPR needs at least one item modality"):
         require_modalities({}, "VBPR")
@@ -70,7 +68,7 @@ def test_missing_modality_is_one_line():
 
 # ---- VBPR --------------------------------------------------------------------------------------
 def test_vbpr_forward_and_loss_match_the_equations(hand):
-    from mllmrec.mm.vbpr import VBPRModule
+    from mllmrec.models.vbpr import VBPRModule
 
     _, feats, (users, pos, neg) = hand
     image = np.random.default_rng(4).standard_normal((N_ITEMS, 3)).astype(np.float32)
@@ -91,7 +89,7 @@ def test_vbpr_forward_and_loss_match_the_equations(hand):
 
 # ---- FREEDOM -----------------------------------------------------------------------------------
 def freedom(hand, **kw):
-    from mllmrec.mm.freedom import FREEDOMModule
+    from mllmrec.models.freedom import FREEDOMModule
 
     train, feats, _ = hand
     torch.manual_seed(0)
@@ -136,7 +134,7 @@ def test_freedom_pruning_keeps_a_subset_of_the_training_edges(hand):
 
 def test_freedom_pruning_prefers_low_degree_edges():
     """Edges are drawn with probability ~ 1/sqrt(d_u d_i): a star user's edges are dropped more."""
-    from mllmrec.mm.freedom import FREEDOMModule
+    from mllmrec.models.freedom import FREEDOMModule
 
     n_u, n_i = 20, 40
     train = np.zeros((n_u, n_i), np.float32)
@@ -152,7 +150,7 @@ def test_freedom_pruning_prefers_low_degree_edges():
 
 # ---- refinement switch -------------------------------------------------------------------------
 def test_refine_replaces_exactly_the_item_graph(hand):
-    from mllmrec.graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
+    from mllmrec.item_graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
 
     train, feats, _ = hand
     cfg = {"refine": True, "alpha": 0.2, "k_c": 2, "denoise": True, "enhance": True}
@@ -181,8 +179,8 @@ def test_refine_replaces_exactly_the_item_graph(hand):
 # ---- learning on planted structure -------------------------------------------------------------
 @pytest.mark.parametrize("name", ["vbpr", "freedom"])
 def test_learns_planted_structure(name):
-    from mllmrec.mm.freedom import FREEDOMModule
-    from mllmrec.mm.vbpr import VBPRModule
+    from mllmrec.models.freedom import FREEDOMModule
+    from mllmrec.models.vbpr import VBPRModule
 
     data, mods = planted_data()
     torch.manual_seed(0)

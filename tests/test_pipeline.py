@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from test_graph import dense_cosine, dense_reference
 
+from conftest import llm_settings
 from mllmrec import config as mconfig
 from mllmrec.cache import ArtifactCache
 from mllmrec.data import TRAIN
 from mllmrec.datamodule import sample_negatives
 from mllmrec.errors import ConfigError
 from mllmrec.texts import item_texts
-from test_graph import dense_cosine, dense_reference
 
 
 # ---------------------------------------------------------------- texts
@@ -144,7 +145,7 @@ def test_reason_stage_writes_train_title_lists(compose_cfg, tiny_data, tiny_dir,
 
     cfg = compose_cfg()
     cache = ArtifactCache(cfg.paths.cache_dir, "tiny")
-    art = reason.run(cfg.reason, cfg.llm, tiny_data, cache)
+    art = reason.run(cfg.reason, llm_settings(cfg), tiny_data, cache)
     assert art.reused is False
     texts = reason.load_texts(art)
     assert len(texts) == tiny_data.n_users == art.manifest["counts"]["users"]
@@ -153,10 +154,10 @@ def test_reason_stage_writes_train_title_lists(compose_cfg, tiny_data, tiny_dir,
     assert len(heldout) == tiny_data.n_users
     for u, titles in heldout.items():  # titles are unique in the fixture: no held-out title may appear
         assert texts[u] and not any(t in texts[u] for t in titles), u
-    assert reason.run(cfg.reason, cfg.llm, tiny_data, cache).reused is True
+    assert reason.run(cfg.reason, llm_settings(cfg), tiny_data, cache).reused is True
 
     with caplog.at_level(logging.WARNING):
-        leaky = reason.run(compose_cfg("reason.history=all").reason, cfg.llm, tiny_data, cache)
+        leaky = reason.run(compose_cfg("reason.history=all").reason, llm_settings(cfg), tiny_data, cache)
     assert leaky.key != art.key
     leaky_texts = reason.load_texts(leaky)
     assert leaky_texts[0] == _expected_text(0, "all") and leaky_texts[1] == _expected_text(1, "all")

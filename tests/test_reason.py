@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import run_module, tiny_overrides
+from conftest import llm_settings, run_module, tiny_overrides
 from llm_fakes import StubServer, sent_prompts
 from mllmrec.cache import ArtifactCache
 from mllmrec.data import TRAIN
@@ -28,7 +28,7 @@ def test_default_prompts_hold_no_validation_or_test_item(compose_cfg, tiny_data,
 
     cfg = compose_cfg("llm=vllm")
     assert cfg.reason.history == "train"
-    art = reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+    art = reason.run(cfg.reason, llm_settings(cfg), tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     titles = tiny_data.item_field("title")
     train_hist = tiny_data.history("train")
     sent = sent_prompts(fake_engine)
@@ -54,7 +54,7 @@ def test_history_all_includes_heldout_items_and_warns(compose_cfg, tiny_data, fa
 
     cfg = compose_cfg("llm=vllm", "reason.history=all")
     with caplog.at_level(logging.WARNING):
-        art = reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+        art = reason.run(cfg.reason, llm_settings(cfg), tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     assert LEAK_WARNING in caplog.messages
     titles = tiny_data.item_field("title")
     sent = sent_prompts(fake_engine)
@@ -62,12 +62,13 @@ def test_history_all_includes_heldout_items_and_warns(compose_cfg, tiny_data, fa
         held = tiny_data.items[(tiny_data.users == u) & (tiny_data.split != TRAIN)]
         assert len(held) == 2
         assert any(all(titles[i] in p for i in items) for p in sent), u  # held-out titles are in the prompt
-    leak_free = reason.run(compose_cfg("llm=vllm").reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+    leak_free = reason.run(compose_cfg("llm=vllm").reason, llm_settings(cfg), tiny_data,
+                           ArtifactCache(cfg.paths.cache_dir, "tiny"))
     assert leak_free.key != art.key
 
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # a cached leaky artifact still warns
-        again = reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+        again = reason.run(cfg.reason, llm_settings(cfg), tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     assert again.reused and LEAK_WARNING in caplog.messages
 
 
@@ -101,7 +102,7 @@ def test_long_lists_are_fitted_and_counted(compose_cfg, tiny_data, fake_engine):
     from mllmrec.stages import reason
 
     cfg = compose_cfg("llm=vllm", "reason.max_prompt_tokens=90", "reason.min_item_chars=40", "reason.tokenizer=chars")
-    art = reason.run(cfg.reason, cfg.llm, tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
+    art = reason.run(cfg.reason, llm_settings(cfg), tiny_data, ArtifactCache(cfg.paths.cache_dir, "tiny"))
     counts = art.manifest["counts"]
     assert counts["prompts_fitted"] > 0 and counts["items_dropped"] > 0 and counts["items_shortened"] > 0
     assert counts["token_counter"] == "chars/4"

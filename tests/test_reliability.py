@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_module, tiny_overrides
 
 TEST_KEYS = ("test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20")
@@ -140,7 +139,7 @@ def test_training_gathers_have_a_deterministic_backward():
     drifted apart on office); ``model.rows`` must give bit-identical gradients every time."""
     import torch
 
-    from mllmrec.model import rows
+    from mllmrec.models.layers import rows
 
     torch.manual_seed(0)
     table = torch.randn(1500, 64, requires_grad=True)

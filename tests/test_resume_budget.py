@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import run_module, tiny_overrides
 
-from mllmrec.train import changed_keys, completed_result, config_fingerprint, resume_checkpoint, write_fingerprint
+from mllmrec.resume import changed_keys, completed_result, config_fingerprint, resume_checkpoint, write_fingerprint
 
 
 def test_changed_keys_names_each_difference():

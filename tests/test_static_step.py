@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from model_inputs import inputs_of
 
 from mllmrec.datamodule import RecDataModule
 from mllmrec.errors import ConfigError
-from mllmrec.model import MLLMRecModule
-from mllmrec.static_step import pad_batch, resolve_mode, static_loss
-from model_inputs import inputs_of
+from mllmrec.models.mllmrec import MLLMRecModule
+from mllmrec.models.static_step import pad_batch, resolve_mode, static_loss
 
 
 def make_model(n_users=40, n_items=30, seed=0, **kw) -> MLLMRecModule:

@@ -18,13 +18,18 @@ from omegaconf import OmegaConf
 
 from mllmrec.config import CONF_DIR
 from mllmrec.datamodule import BatchList
-from mllmrec.metrics import METRICS
-from mllmrec.model import RankingModule
+from mllmrec.metrics import EvalSpec
+from mllmrec.models.base import RankingModule
+
 
 
 class Scripted(RankingModule):
-    def __init__(self, script: list[float]):
+    """``script``: the validation value of every metric per epoch; ``per_metric``: other scripts for
+    some metrics (by name, e.g. ``ndcg@20``)."""
+
+    def __init__(self, script: list[float], per_metric: dict | None = None):
         super().__init__()
+        self.per_metric = per_metric or {}
         self.save_hyperparameters({"lr": 1e-3, "weight_decay": 0.0})
         self.script = script
         self.w = torch.nn.Parameter(torch.zeros(1))
@@ -44,10 +49,9 @@ class Scripted(RankingModule):
     def end_evaluation(self, prefix):
         if prefix == "val":
             self.val_epochs.append(int(self.current_epoch))
-            value = self.script[self.current_epoch]
+            values = {f"val/{m}": self.per_metric.get(m, self.script)[self.current_epoch] for m in self.eval_spec.names}
         else:
-            value = float(self.trained_in_epoch)
-        values = {f"{prefix}/{m}": value for m in METRICS}
+            values = {f"test/{m}": float(self.trained_in_epoch) for m in self.eval_spec.names}
         for k, v in values.items():
             self.log(k, v)
         return values
@@ -64,8 +68,11 @@ class OneBatch(pl.LightningDataModule):
         return BatchList([0])
 
 
-def callbacks_from_conf(tmp_path) -> dict:
+def callbacks_from_conf(tmp_path, valid_metric: str | None = None) -> dict:
     conf = OmegaConf.load(CONF_DIR / "callbacks" / "default.yaml")
+    conf.eval = OmegaConf.load(CONF_DIR / "eval" / "default.yaml")  # resolves monitor: val/${eval.valid_metric}
+    if valid_metric:
+        conf.eval.valid_metric = valid_metric
     conf.model_checkpoint.dirpath = str(tmp_path / "checkpoints")
     return {name: instantiate(conf[name]) for name in ("early_stopping", "model_checkpoint")}
 
@@ -117,9 +124,45 @@ def test_the_tested_weights_are_the_best_validation_epochs(tmp_path):
     assert float(model.trained_in_epoch) == 2.0
 
 
+def test_eval_valid_metric_drives_stopping_best_epoch_and_the_tested_checkpoint(tmp_path):
+    """eval.valid_metric=ndcg@20 'eval.topk=[5,20]': early stopping, the best-epoch record and the
+    checkpoint tested follow val/ndcg@20, whose best (epoch 3) is not Recall@20's (a late rise at 30)."""
+    from mllmrec import train as train_mod
+
+    ndcg = [0.1, 0.2, 0.3, 0.6] + [0.5] * 60
+    recall = [0.1] * 30 + [0.9] * 34  # would keep training to epoch 30 and pick it, if it selected
+    model = Scripted(recall, per_metric={"ndcg@20": ndcg, "ndcg@5": ndcg})
+    model.eval_spec = EvalSpec.from_config({"valid_metric": "ndcg@20", "topk": [5, 20]})
+    callbacks = list(callbacks_from_conf(tmp_path, "ndcg@20").values())
+    cfg = OmegaConf.create({
+        "trainer": {"_target_": "pytorch_lightning.Trainer", "max_epochs": len(ndcg), "accelerator": "cpu",
+                    "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                    "default_root_dir": str(tmp_path)},
+        "resume": "never", "dataset": {"name": "scripted"},
+    })
+    metrics = train_mod._fit_and_test(cfg, types.SimpleNamespace(artifacts={}), OneBatch(), model, callbacks, [],
+                                      tmp_path, "fp")
+    assert model.val_epochs == list(range(3 + 21 + 1))  # stopped 21 epochs after ndcg's best, before recall's rise
+    assert metrics["best_epoch"] == 3 and metrics["val/ndcg@20"] == pytest.approx(0.6)
+    assert metrics["test/ndcg@20"] == 3.0  # the weights trained in ndcg's best epoch
+    assert {k for k in metrics if k.startswith("test/")} == {"test/recall@5", "test/recall@20", "test/ndcg@5",
+                                                              "test/ndcg@20"}
+
+
+@pytest.mark.parametrize("node,key", [({"valid_metric": "recall@10", "topk": [5, 20]}, "eval.valid_metric"),
+                                      ({"valid_metric": "auc"}, "eval.valid_metric"),
+                                      ({"topk": [0, 20]}, "eval.topk"), ({"topk": "twenty"}, "eval.topk")])
+def test_a_metric_that_is_not_computed_is_a_one_line_error(node, key):
+    from mllmrec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key) as err:
+        EvalSpec.from_config(node)
+    assert "\n" not in str(err.value)
+
+
 def test_defaults_are_the_official_codes(compose_cfg):
     """model.init: PyTorch's Linear init (the official code's); early stopping: MMRec's stopping_step 20."""
-    from mllmrec.model import Tower
+    from mllmrec.models.mllmrec import Tower
 
     cfg = compose_cfg()
     assert cfg.model.init == "default"
@@ -141,4 +184,4 @@ def test_early_stopping_refuses_settings_that_break_mmrecs_rule(kwargs, key):
     from mllmrec.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"callbacks.early_stopping.{key}"):
-        MMRecEarlyStopping(**kwargs)
+        MMRecEarlyStopping(monitor="val/recall@20", **kwargs)

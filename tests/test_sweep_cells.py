@@ -78,8 +78,8 @@ def sweep(tmp_path):
 
 @pytest.fixture
 def cells(sweep):
-    from mllmrec.cells import summarize_cells
-    from mllmrec.sweep import collect
+    from mllmrec.sweep.cells import summarize_cells
+    from mllmrec.sweep.summary import collect
 
     return summarize_cells(collect(sweep))
 
@@ -112,14 +112,14 @@ def test_best_cell_is_by_mean_validation_and_the_tied_set_by_one_se(cells, sweep
     assert got_best == [best]
     assert got_tied == tied
     # the best single JOB (.15, alpha .6 K_c 10) is not the best cell: selection is by the mean
-    from mllmrec.sweep import best_row, collect
+    from mllmrec.sweep.summary import best_row, collect
 
-    assert float(best_row(collect(sweep))["val/recall@20"]) == 0.15
+    assert float(best_row(collect(sweep), "val/recall@20")["val/recall@20"]) == 0.15
 
 
 def test_one_seed_per_cell_keeps_todays_behaviour(tmp_path):
-    from mllmrec.cells import summarize_cells
-    from mllmrec.sweep import best_row, collect
+    from mllmrec.sweep.cells import summarize_cells
+    from mllmrec.sweep.summary import best_row, collect
 
     sweep = tmp_path / "sweep"
     for num, (alpha, val) in enumerate(((0.4, 0.11), (0.5, 0.13), (0.6, 0.125))):
@@ -132,8 +132,8 @@ def test_one_seed_per_cell_keeps_todays_behaviour(tmp_path):
     assert not cells["within_1se_of_best"].any()  # no spread, no "indistinguishable" claim
     best = cells[cells["best"]].iloc[0]
     assert best["cell"] == "graph.alpha=0.5,graph.k_c=10"
-    assert best["val/recall@20_mean"] == best_row(df)["val/recall@20"] == 0.13
-    from mllmrec.sweep import plot_heatmap
+    assert best["val/recall@20_mean"] == best_row(df, "val/recall@20")["val/recall@20"] == 0.13
+    from mllmrec.sweep.summary import plot_heatmap
 
     px = outline_pixels(plot_heatmap(cells, tmp_path / "heatmap.png"))
     assert px["red"] > 500 and px["magenta"] == 0
@@ -151,10 +151,10 @@ def outline_pixels(png) -> dict:
 
 
 def run_summary(sweep, caplog, **cfg):
-    from mllmrec.sweep import SweepSummary
+    from mllmrec.sweep.summary import SweepSummary
 
     config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "dataset": {"name": "fake"}, **cfg})
-    with caplog.at_level(logging.INFO, logger="mllmrec.sweep"):
+    with caplog.at_level(logging.INFO, logger="mllmrec.sweep.summary"):
         SweepSummary().on_multirun_end(config)
     return caplog.text
 
@@ -265,3 +265,42 @@ def test_seeds_preset_becomes_the_seed_axis(tiny_dir):
             params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
             assert params["seed"] == ("range(1,4)" if seeds else "range(1,6)")
             assert set(params) == others | {"seed"}
+
+
+def test_models_table_has_the_paired_t_test_against_mllmrec(tmp_path):
+    """models.md: each model's two-sided paired t-test against MLLMRec on test R@20 over the seeds both
+    ran (the hand formula: t = mean(d) / (sd(d) / sqrt(n)), p = 2 P(T_{n-1} > |t|))."""
+    from scipy.stats import t as student_t
+
+    from mllmrec.metrics import EvalSpec
+    from mllmrec.sweep.cells import summarize_cells
+    from mllmrec.sweep.tables import comparison_table, tables
+
+    rng = np.random.default_rng(0)
+    rows = []
+    base = {"mllmrec": 0.09, "bpr": 0.088, "lightgcn": 0.12}
+    for model, level in base.items():
+        for seed in (999, 1, 2, 3):
+            if model == "lightgcn" and seed == 3:
+                continue  # a missing run: only the three seeds both have pair up
+            rows.append({"job": f"{len(rows)}_x", "status": "completed", "model": model, "seed": seed,
+                         "graph.alpha": 0.7, "graph.k_c": 10, "test/recall@20": level + rng.normal(0, 0.003),
+                         "test/ndcg@20": 0.04, "test/recall@10": 0.05, "test/ndcg@10": 0.03,
+                         "val/recall@20": level, "best_epoch": 10, "epochs": 30, "seconds_per_epoch": 0.4})
+    jobs = pd.DataFrame(rows).sample(frac=1.0, random_state=1)  # order must not matter: pairs are by seed
+    key, stem, labels, metrics, reference = tables(EvalSpec.default())[1]
+    comparison_table(summarize_cells(jobs), tmp_path, key, stem, labels, metrics, reference, jobs)
+    table = pd.read_csv(tmp_path / "models.csv").set_index("model")
+    column = "p vs MLLMRec (R@20)"
+
+    def by_hand(model):
+        x = jobs[jobs.model == model].set_index("seed")["test/recall@20"]
+        r = jobs[jobs.model == "mllmrec"].set_index("seed")["test/recall@20"]
+        d = (x - r).dropna()
+        t_stat = d.mean() / (d.std(ddof=1) / math.sqrt(len(d)))
+        return 2 * student_t.sf(abs(t_stat), len(d) - 1)
+
+    assert table.loc["BPR", column] == pytest.approx(by_hand("bpr"), rel=1e-9)
+    assert table.loc["LightGCN", column] == pytest.approx(by_hand("lightgcn"), rel=1e-9) and by_hand("lightgcn") < 0.05
+    assert math.isnan(table.loc["MLLMRec", column])
+    assert column in (tmp_path / "models.md").read_text().splitlines()[0]

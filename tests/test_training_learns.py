@@ -16,11 +16,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from mllmrec import model as model_mod
+from mllmrec.models import mllmrec as model_mod
 from mllmrec.data import RecData
 from mllmrec.datamodule import RecDataModule
-from mllmrec.model import MLLMRecModule, adam
-from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs, adam
+from mllmrec.models.mllmrec import MLLMRecModule
 
 N_CLUSTERS, ITEMS_PER, USERS_PER, PER_USER, DIM = 4, 12, 16, 6, 16
 
@@ -60,8 +60,8 @@ def test_training_learns_the_planted_clusters(monkeypatch, seed):
     untrained = val_recall10(0, seed)
     trained = val_recall10(15, seed)
     # the same training with the sign of the BPR difference flipped
-    right = model_mod.bpr_loss
-    monkeypatch.setattr(model_mod, "bpr_loss", lambda u, p, n: right(u, n, p))
+    right = model_mod.bpr_logsigmoid
+    monkeypatch.setattr(model_mod, "bpr_logsigmoid", lambda u, p, n: right(u, n, p))
     flipped = val_recall10(15, seed)
 
     assert trained >= 0.9, (untrained, trained, flipped)

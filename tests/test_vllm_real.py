@@ -143,7 +143,7 @@ def by_user(conversations) -> dict[int, list]:
 
     cfg = compose("dataset.name=tiny", f"dataset.data_dir={TINY_DIR}")
     data = load_dataset("tiny", TINY_DIR)
-    requests, _, _ = reason.build_requests(cfg.reason, cfg.llm, data, item_texts(data), "train")
+    requests, _ = reason.build_requests(reason.ReasonSettings.from_config(cfg.reason), None, data, item_texts(data))
     ids = {r.text: r.id for r in requests}
     return {ids[conv[-1]["content"]]: conv for conv in conversations}
 
@@ -282,7 +282,8 @@ def test_openai_backend_against_vllm_serve(server, model_dir, tmp_path):
     from mllmrec.texts import item_texts
 
     data = load_dataset("tiny", TINY_DIR)
-    requests, _, _ = reason.build_requests(cfg.reason, cfg.llm, data, item_texts(data), "train")
+    requests, _ = reason.build_requests(reason.ReasonSettings.from_config(cfg.reason), cfg.llm.model, data,
+                                        item_texts(data))
     for r in requests[:LIMIT]:
         assert users.prompt_tokens[r.id] == chat_tokens(model_dir, r.messages()), r.id
 

@@ -19,16 +19,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
-from omegaconf import DictConfig, OmegaConf
-
 from mllmrec.cache import stable_hash
 from mllmrec.errors import ConfigError, MLLMRecError
 from mllmrec.llm import engine as vllm_engine
 from mllmrec.llm.images import data_url
+from mllmrec.llm.settings import GENERATIVE, LLMSettings
 
 log = logging.getLogger(__name__)
 
-GENERATIVE = ("vllm", "openai")
 VLLM_MISSING = (
     "backend 'vllm' needs the vllm package, which is not importable here ({reason}): "
     "pip install 'mllmrec[vllm]' (or pip install vllm) on a CUDA machine, "
@@ -90,38 +88,13 @@ class Result:
     completion_tokens: int = 0
 
 
-def _plain(node) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def sampling_options(llm_cfg) -> dict:
-    s = _plain(llm_cfg.get("sampling")) or {}
-    return {k: v for k, v in s.items() if v is not None}
-
-
-def generation_settings(llm_cfg) -> dict:
-    """The settings an answer depends on (part of every cache key); never the API key or the URL."""
-    return {"backend": llm_cfg.backend, "model": llm_cfg.get("model"), "sampling": sampling_options(llm_cfg)}
-
-
-def _positive_int(llm_cfg, key: str, default: int) -> int:
-    value = llm_cfg.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"llm.{key}", f"must be an integer >= 1, got {value!r}")
-    return value
-
-
-def chunk_size(llm_cfg) -> int:
-    return _positive_int(llm_cfg, "chunk_size", 512)
-
-
-def make_backend(llm_cfg):
-    backend = llm_cfg.backend
-    if backend == "vllm":
-        return VLLMBackend(llm_cfg)
-    if backend == "openai":
-        return OpenAIBackend(llm_cfg)
-    raise ConfigError("llm.backend", f"{backend!r} does not generate text (expected one of {', '.join(GENERATIVE)})")
+def make_backend(llm: LLMSettings):
+    if llm.backend == "vllm":
+        return VLLMBackend(llm)
+    if llm.backend == "openai":
+        return OpenAIBackend(llm)
+    raise ConfigError("llm.backend", f"{llm.backend!r} does not generate text "
+                                     f"(expected one of {', '.join(GENERATIVE)})")
 
 
 def _import_object(path: str):
@@ -139,10 +112,10 @@ class VLLMBackend:
 
     name = "vllm"
 
-    def __init__(self, llm_cfg):
+    def __init__(self, llm: LLMSettings):
         factory = ENGINE_FACTORY
-        if factory is None and llm_cfg.get("engine_factory"):
-            factory = _import_object(str(llm_cfg.engine_factory))
+        if factory is None and llm.vllm.engine_factory:
+            factory = _import_object(llm.vllm.engine_factory)
         vllm = None
         try:
             import vllm  # noqa: F401
@@ -153,19 +126,18 @@ class VLLMBackend:
         if factory is None:
             factory = vllm.LLM
         platform = vllm_engine.vllm_platform() if vllm is not None else "unknown"
-        args = (_plain(llm_cfg.get("engine")) or {}, _plain(llm_cfg.get("engine_extra")) or {}, str(llm_cfg.model),
-                platform, sampling_options(llm_cfg))
+        args = (llm.vllm.engine, llm.vllm.engine_extra, llm.model, platform, llm.sampling)
         engine = vllm_engine.engine_options(*args, explain=False)
-        key = stable_hash({"model": str(llm_cfg.model), "engine": engine, "factory": repr(factory)})
+        key = stable_hash({"model": llm.model, "engine": engine, "factory": repr(factory)})
         if key not in _ENGINES:
             vllm_engine.engine_options(*args, explain=True)  # the same options, with the reasons logged
-            log.info("vllm: loading %s (%s)", llm_cfg.model, ", ".join(f"{k}={v}" for k, v in engine.items()))
+            log.info("vllm: loading %s (%s)", llm.model, ", ".join(f"{k}={v}" for k, v in engine.items()))
             release_engines()  # one engine at a time on the GPU
             started = time.perf_counter()
-            _ENGINES[key] = vllm_engine.load(factory, str(llm_cfg.model), engine)
+            _ENGINES[key] = vllm_engine.load(factory, llm.model, engine)
             log.info("vllm: engine loaded in %.1f s (platform %s)", time.perf_counter() - started, platform)
         self.llm = _ENGINES[key]
-        options = sampling_options(llm_cfg)
+        options = dict(llm.sampling)
         self.params = vllm.SamplingParams(**options) if vllm is not None else SimpleNamespace(**options)
 
     def generate(self, requests: Sequence[Request]) -> list[Result]:
@@ -198,26 +170,19 @@ class OpenAIBackend:
 
     name = "openai"
 
-    def __init__(self, llm_cfg):
+    def __init__(self, llm: LLMSettings):
         import httpx
 
+        opts = llm.openai
         self.httpx = httpx
-        base = str(llm_cfg.get("base_url") or "").rstrip("/")
-        if not base.startswith(("http://", "https://")):
-            raise ConfigError("llm.base_url", f"must be an http(s) URL such as http://localhost:8000/v1, got {base!r}")
-        if not llm_cfg.get("model"):
-            raise ConfigError("llm.model", "name the model the server serves")
-        self.url = f"{base}/chat/completions"
-        self.model = str(llm_cfg.model)
-        self.concurrency = _positive_int(llm_cfg, "concurrency", 16)
-        self.max_retries = int(llm_cfg.get("max_retries", 6))
-        if self.max_retries < 0:
-            raise ConfigError("llm.max_retries", f"must be >= 0, got {self.max_retries}")
-        backoff = _plain(llm_cfg.get("backoff")) or {}
-        self.backoff_initial = float(backoff.get("initial", 1.0))
-        self.backoff_max = float(backoff.get("max", 60.0))
-        self.sampling = sampling_options(llm_cfg)
-        env = llm_cfg.get("api_key_env") or "OPENAI_API_KEY"
+        self.url = f"{opts.base_url}/chat/completions"
+        self.model = llm.model
+        self.concurrency = opts.concurrency
+        self.max_retries = opts.max_retries
+        self.backoff_initial = opts.backoff_initial
+        self.backoff_max = opts.backoff_max
+        self.sampling = dict(llm.sampling)
+        env = opts.api_key_env
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(str(env))
         if key:
@@ -225,7 +190,7 @@ class OpenAIBackend:
         else:
             log.info("openai: $%s is not set; sending requests without an API key", env)
         del key
-        timeout = float(llm_cfg.get("timeout", 120))
+        timeout = opts.timeout
         self.client = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),

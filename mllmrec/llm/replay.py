@@ -19,6 +19,7 @@ import pandas as pd
 
 from mllmrec.data import file_sha256
 from mllmrec.errors import ConfigError, DataError
+from mllmrec.llm.settings import ReplayFiles
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +97,15 @@ def load_texts(path, n: int, id_column: str, text_column: str | None, guesses, k
     return texts, counts, file_sha256(path), path
 
 
-def artifact(cache, stage: str, data, llm_cfg, kind: str, output: str, id_name: str):
+def artifact(cache, stage: str, data, files: ReplayFiles, kind: str, output: str, id_name: str):
     """The replayed texts as the stage's artifact (same layout as generated ones)."""
     if kind == "item":
-        file, idc, txt, guesses, n = (llm_cfg.get("items_file"), llm_cfg.get("item_id_column") or "itemID",
-                                      llm_cfg.get("item_text_column"), ITEM_TEXT_GUESSES, data.n_items)
+        file, idc, txt, guesses, n = (files.items_file, files.item_id_column, files.item_text_column,
+                                      ITEM_TEXT_GUESSES, data.n_items)
         key = "llm.items_file"
     else:
-        file, idc, txt, guesses, n = (llm_cfg.get("users_file"), llm_cfg.get("user_id_column") or "userID",
-                                      llm_cfg.get("user_text_column"), USER_TEXT_GUESSES, data.n_users)
+        file, idc, txt, guesses, n = (files.users_file, files.user_id_column, files.user_text_column,
+                                      USER_TEXT_GUESSES, data.n_users)
         key = "llm.users_file"
     texts, counts, sha, path = load_texts(file, n, idc, txt, guesses, kind, key, f"llm.{kind}_text_column")
     config = {"backend": "replay", "id_column": idc, "text_column": counts["text_column"]}

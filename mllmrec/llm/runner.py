@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 
@@ -34,6 +33,7 @@ from mllmrec.errors import ConfigError
 from mllmrec.files import atomic_file
 from mllmrec.llm import backends, prompts
 from mllmrec.llm.backends import Request, Result
+from mllmrec.llm.settings import LLMSettings, Selection
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +42,10 @@ OUTPUT_COLUMNS = ["text", "finish_reason", "prompt_tokens", "completion_tokens"]
 POSTPROCESS = ("strip", "last_paragraph")
 
 
-def llm_job(llm_cfg, postprocess: str, postprocess_key: str) -> dict:
-    """The ``generate`` arguments that come from the LLM settings, checked before any work is done:
-    the settings the answers depend on (backend, model, sampling), the backend factory and the
-    chunk size."""
-    if postprocess not in POSTPROCESS:
-        raise ConfigError(postprocess_key, f"must be one of {', '.join(POSTPROCESS)}, got {postprocess!r}")
-    return {
-        "settings": backends.generation_settings(llm_cfg),
-        "backend_factory": lambda: backends.make_backend(llm_cfg),
-        "chunk": backends.chunk_size(llm_cfg),
-        "selection": Selection.from_config(llm_cfg),
-        "counter": lambda: prompts.TokenCounter("auto", llm_cfg.get("model")),
-    }
+def check_postprocess(how, key: str) -> str:
+    if how not in POSTPROCESS:
+        raise ConfigError(key, f"must be one of {', '.join(POSTPROCESS)}, got {how!r}")
+    return how
 
 
 class ShardDone(Exception):
@@ -62,50 +53,33 @@ class ShardDone(Exception):
     merges them. Not an error: the entry points log it and end the job normally."""
 
 
-def _optional_int(llm_cfg, key: str, minimum: int) -> int | None:
-    value = llm_cfg.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"llm.{key}", f"must be null or an integer >= {minimum}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
-class Selection:
-    """Which requests a run answers: ``llm.limit`` (the first N, or a sample of N drawn with
-    ``llm.limit_seed``) and then ``llm.shard`` of ``llm.num_shards`` (requests whose position
-    modulo num_shards is the shard)."""
+class Picked:
+    """What ``llm.limit`` and ``llm.shard`` pick from a stage's candidate request ids, before any
+    prompt is built: ``chosen`` (kept by the limit, in request order; the artifact's requests),
+    ``over_limit`` (left out by it) and ``mine`` (this job's shard of ``chosen``; all of it
+    without ``llm.shard``). A stage builds the requests of ``chosen``, or only those of ``mine``."""
 
-    limit: int | None = None
-    limit_seed: int | None = None
-    num_shards: int = 1
-    shard: int | None = None
+    selection: Selection
+    chosen: tuple[int, ...]
+    over_limit: frozenset[int]
+    mine: tuple[int, ...]
 
-    @classmethod
-    def from_config(cls, llm_cfg) -> "Selection":
-        limit = _optional_int(llm_cfg, "limit", 1)
-        limit_seed = _optional_int(llm_cfg, "limit_seed", 0)
-        num_shards = _optional_int(llm_cfg, "num_shards", 1) or 1
-        shard = _optional_int(llm_cfg, "shard", 0)
-        if shard is not None and shard >= num_shards:
-            raise ConfigError("llm.shard", f"must be in 0..{num_shards - 1} (llm.num_shards={num_shards}), got {shard}")
-        if shard is not None and num_shards == 1:
-            raise ConfigError("llm.shard", "set llm.num_shards (> 1) as well")
-        return cls(limit, limit_seed, num_shards, shard)
 
-    def limited(self, requests: Sequence[Request]) -> list[Request]:
-        if self.limit is None or self.limit >= len(requests):
-            return list(requests)
-        if self.limit_seed is None:
-            return list(requests[:self.limit])
-        pick = sorted(random.Random(self.limit_seed).sample(range(len(requests)), self.limit))
-        return [requests[i] for i in pick]
-
-    def shard_of(self, requests: Sequence[Request]) -> list[Request]:
-        if self.shard is None:
-            return list(requests)
-        return [r for n, r in enumerate(requests) if n % self.num_shards == self.shard]
+def pick(stage: str, ids: Sequence[int], selection: Selection) -> Picked:
+    """Apply ``llm.limit`` (warning about the ids it leaves out) and ``llm.shard`` to the candidate
+    ids, in request order; duplicate ids are refused."""
+    ids = [int(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"{stage}: duplicate request ids")
+    chosen = selection.limited(ids)
+    over_limit = frozenset(ids) - set(chosen)
+    if over_limit:
+        log.warning("%s: llm.limit=%d: %d of %d requests (%s); the other %d rows get finish_reason=over_limit",
+                    stage, selection.limit, len(chosen), len(ids),
+                    "first" if selection.limit_seed is None else f"sample, seed {selection.limit_seed}",
+                    len(over_limit))
+    return Picked(selection, tuple(chosen), over_limit, tuple(selection.shard_of(chosen)))
 
 
 class WorkStore:
@@ -164,56 +138,57 @@ def postprocess(text: str, how: str) -> str:
 def generate(
     cache: ArtifactCache,
     stage: str,
+    llm: LLMSettings,
     *,
     id_column: str,
     n_rows: int,
     requests: Sequence[Request],
+    picked: Picked,
     prompt: str,
-    settings: Mapping,
     assembly: Mapping,
     output: str,
-    backend_factory: Callable[[], object],
-    chunk: int,
     fill_reason: str,
     counts: Mapping | None = None,
     desc: str | None = None,
-    selection: Selection | None = None,
-    counter: Callable[[], object] | None = None,
 ) -> Artifact:
     """Answer ``requests`` (ids in [0, n_rows)) resumably and publish ``output`` with one row per id.
 
-    ``settings`` (backend, model, sampling; see ``llm_job``) and the ``prompt`` template: what the
-    answers depend on -> work folder key; ``assembly``: how rows are turned into the artifact
-    (post-processing). Rows without a request get an empty text and ``finish_reason=fill_reason``
-    (``over_limit`` for rows left out by ``llm.limit``). ``selection``: ``llm.limit`` and the
-    shard; a shard job (``llm.shard`` set) saves its answers and raises :class:`ShardDone` instead
+    ``picked``: what ``llm.limit`` / ``llm.shard`` chose (:func:`pick`); ``requests``: those of
+    ``picked.chosen``, or only those of ``picked.mine`` in a shard job. The generation settings of
+    ``llm`` (backend, model, sampling) and the ``prompt`` template: what the answers depend on ->
+    work folder key; ``assembly``: how rows are turned into the artifact (post-processing). Rows
+    without a request get an empty text and ``finish_reason=fill_reason`` (``over_limit`` for rows
+    left out by ``llm.limit``). A shard job saves its answers and raises :class:`ShardDone` instead
     of publishing; a run without a shard setting then finds them saved (the merge) and generates
     only what is still missing.
     """
-    selection = selection or Selection()
-    settings = {**settings, "prompt": prompt}
-    requests, over_limit = _limited(stage, requests, selection)
+    selection = picked.selection
+    settings = {**llm.generation_settings(), "prompt": prompt}
+    whole = _built_for_all(stage, requests, picked)
     config = {**dict(settings), **dict(assembly)}
     inputs = {"requests": stable_hash([[r.id, r.input_hash] for r in requests], 32), "rows": str(n_rows)}
-    if cache.lookup(stage, cache.key_for(stage, config, inputs)) is not None:  # published and sound
+    if whole and cache.lookup(stage, cache.key_for(stage, config, inputs)) is not None:  # published and sound
         return cache.fetch(stage, config, inputs, _never)  # (a damaged one is rebuilt below)
     store = WorkStore(cache.work_dir(stage, stable_hash(dict(settings))))
     saved = store.load()
-    mine, pending, reused, seconds = _answer_missing(
-        stage, store, saved, requests, selection, settings, counter=counter, backend_factory=backend_factory,
-        chunk=chunk, desc=desc)
-    if selection.shard is not None and requests:  # a shard job generates only; the next unsharded run merges
-        missing = sum((r.id, r.input_hash) not in saved for r in requests)
-        raise _shard_done(stage, selection, mine, len(pending), missing)
+    ids_mine = set(picked.mine)
+    mine = [r for r in requests if r.id in ids_mine]
+    pending, reused, seconds = _answer_missing(stage, store, saved, requests, mine, llm, settings, desc)
+    if selection.shard is not None and picked.chosen:  # a shard job generates only; the next unsharded run merges
+        if whole:
+            missing = sum((r.id, r.input_hash) not in saved for r in requests)
+        else:  # other shards' prompts were not built: their ids without any saved answer, a lower bound
+            missing = len(set(picked.chosen) - set(picked.mine) - {i for i, _ in saved})
+        raise _shard_done(stage, selection, len(mine), len(pending), missing, exact=whole)
     by_id = {r.id: saved[(r.id, r.input_hash)] for r in requests}
     summary = {"requests": len(requests), "generated_now": len(pending), "reused_saved_answers": reused,
                "generation_seconds": round(seconds, 3),
                "rows_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
-               "over_limit": len(over_limit), **dict(counts or {})}
+               "over_limit": len(picked.over_limit), **dict(counts or {})}
     how = assembly.get("postprocess", "strip")
 
     def build(out: Path):
-        return _assemble(out / output, by_id, n_rows, id_column, how, fill_reason, over_limit, summary)
+        return _assemble(out / output, by_id, n_rows, id_column, how, fill_reason, picked.over_limit, summary)
 
     art = cache.fetch(stage, config, inputs, build)
     truncated = art.manifest["counts"].get("truncated_by_max_tokens")
@@ -222,27 +197,21 @@ def generate(
     return art
 
 
-def _limited(stage: str, requests: Sequence[Request], selection: Selection) -> tuple[list[Request], set]:
-    """The requests ``llm.limit`` keeps, and the ids it leaves out (warned); duplicate ids are refused."""
-    ids = [r.id for r in requests]
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{stage}: duplicate request ids")
-    chosen = selection.limited(requests)
-    over_limit = set(ids) - {r.id for r in chosen}
-    if over_limit:
-        log.warning("%s: llm.limit=%d: %d of %d requests (%s); the other %d rows get finish_reason=over_limit",
-                    stage, selection.limit, len(chosen), len(requests),
-                    "first" if selection.limit_seed is None else f"sample, seed {selection.limit_seed}",
-                    len(over_limit))
-    return chosen, over_limit
+def _built_for_all(stage: str, requests: Sequence[Request], picked: Picked) -> bool:
+    """True when ``requests`` are those of every chosen id (publishing needs them all), False when
+    they are only this shard's (a shard job that built no other prompt)."""
+    ids = tuple(r.id for r in requests)
+    if ids == picked.chosen:
+        return True
+    if picked.selection.shard is not None and ids == picked.mine:
+        return False
+    raise RuntimeError(f"{stage}: the requests built are not the ones llm.limit / llm.shard picked")
 
 
-def _answer_missing(stage: str, store: WorkStore, saved: dict, requests: Sequence[Request], selection: Selection,
-                    settings: Mapping, *, counter, backend_factory, chunk: int, desc: str | None):
-    """Answer this job's requests (its shard) that have no saved answer, adding them to ``saved``.
-
-    Returns (requests of this job, the requests answered now, answers reused, seconds spent)."""
-    mine = selection.shard_of(requests)
+def _answer_missing(stage: str, store: WorkStore, saved: dict, requests: Sequence[Request], mine: Sequence[Request],
+                    llm: LLMSettings, settings: Mapping, desc: str | None):
+    """Answer this job's requests (``mine``: its shard) that have no saved answer, adding them to
+    ``saved``. Returns (the requests answered now, answers of ``requests`` reused, seconds spent)."""
     pending = [r for r in mine if (r.id, r.input_hash) not in saved]
     reused = len(requests) - len([r for r in requests if (r.id, r.input_hash) not in saved])
     if reused:
@@ -250,16 +219,19 @@ def _answer_missing(stage: str, store: WorkStore, saved: dict, requests: Sequenc
                  stage, reused, len(requests), store.folder, len(pending))
     started = time.perf_counter()
     if pending:
-        announce(stage, pending, settings, counter, selection)
-        _answer(stage, store, saved, pending, backend_factory, chunk, desc, done=len(mine) - len(pending))
-    return len(mine), pending, reused, time.perf_counter() - started
+        announce(stage, pending, settings, lambda: prompts.TokenCounter("auto", llm.model), llm.selection)
+        _answer(stage, store, saved, pending, lambda: backends.make_backend(llm), llm.chunk_size, desc,
+                done=len(mine) - len(pending))
+    return pending, reused, time.perf_counter() - started
 
 
-def _shard_done(stage: str, selection: Selection, mine: int, generated: int, missing: int) -> ShardDone:
+def _shard_done(stage: str, selection: Selection, mine: int, generated: int, missing: int, exact: bool) -> ShardDone:
+    """``missing``: chosen requests of other shards without an answer; a lower bound unless
+    ``exact`` (a shard job that built only its own prompts knows only the ids with no answer at all)."""
+    status = (f"{'' if exact else 'at least '}{missing} requests of other shards are not answered yet: " if missing
+              else "every shard is answered: " if exact else "")
     return ShardDone(f"{stage}: shard {selection.shard} of {selection.num_shards} is done ({mine} requests, "
-                     f"{generated} generated now); " + (
-                         f"{missing} requests of other shards are not answered yet" if missing else
-                         "every shard is answered") + ": run without llm.shard to merge them into the artifact")
+                     f"{generated} generated now); {status}run without llm.shard to merge them into the artifact")
 
 
 def announce(stage: str, pending: Sequence[Request], settings: Mapping, counter, selection: Selection) -> None:

@@ -53,12 +53,13 @@ def _reason(overrides: list[str]) -> dict:
 
 def measure(model: Path, data_dir: Path, users: int, concurrency: list[int], work: Path) -> dict:
     from mllmrec.llm import backends, serve
+    from mllmrec.llm.settings import LLMSettings
 
     base = [f"dataset.data_dir={data_dir}", f"dataset.name={data_dir.name}", f"llm.model={model}",
             f"llm.limit={users}", f"paths.output_dir={work}"]
     out: dict = {"model": str(model), "users": users}
     started = time.perf_counter()
-    backends.make_backend(_compose(base + ["llm=tiny"]).llm).close()  # load once, timed
+    backends.make_backend(LLMSettings.from_config(_compose(base + ["llm=tiny"]).llm)).close()  # load once, timed
     out["offline_engine_load_seconds"] = round(time.perf_counter() - started, 1)
     out["offline_vllm"] = _reason(base + ["llm=tiny", f"paths.cache_dir={work}/offline"])
     backends.release_engines()

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from mllmrec.cache import Artifact, ArtifactCache
 from mllmrec.data import RecData
-from mllmrec.graph import cooccurrence_topk, knn_candidates, propagate, refine_item_graph, sym_normalize
+from mllmrec.item_graph import cooccurrence_topk, knn_candidates, propagate, refine_item_graph, sym_normalize
 
 log = logging.getLogger(__name__)
 

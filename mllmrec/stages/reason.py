@@ -17,6 +17,7 @@ Backends (``llm`` config group):
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,8 +25,8 @@ import pandas as pd
 
 from mllmrec.cache import Artifact, ArtifactCache
 from mllmrec.data import RecData
-from mllmrec.errors import ConfigError
-from mllmrec.llm import backends, prompts, replay, runner
+from mllmrec.llm import backends, prompts, replay, runner, settings
+from mllmrec.llm.settings import LLMSettings
 from mllmrec.texts import LEAK_WARNING, item_texts
 
 log = logging.getLogger(__name__)
@@ -34,37 +35,59 @@ STAGE = "reason"
 OUTPUT = "users.parquet"
 
 
-def run(rcfg, llm, data: RecData, cache: ArtifactCache, texts: Sequence[str] | None = None) -> Artifact:
-    """``rcfg``: the ``reason`` node; ``llm``: the ``llm`` node; ``texts``: the item descriptions
-    D^m_i entering the behaviour lists (default: item text only)."""
-    backend = llm.backend
-    history = rcfg.history
-    if history not in ("train", "all"):
-        raise ConfigError("reason.history", f"must be 'train' or 'all', got {history!r}")
-    if history == "all":
+def run(rcfg, llm: LLMSettings, data: RecData, cache: ArtifactCache, texts: Sequence[str] | None = None) -> Artifact:
+    """``rcfg``: the ``reason`` node (checked here, once); ``llm``: the checked ``llm`` settings;
+    ``texts``: the item descriptions D^m_i entering the behaviour lists (default: item text only)."""
+    rs = ReasonSettings.from_config(rcfg)
+    if rs.history == "all":
         log.warning(LEAK_WARNING)
-    if backend == "none":
-        return _run_titles(rcfg, data, cache, history)
-    if backend == "replay":
+    if llm.backend == "none":
+        return _run_titles(rs, data, cache)
+    if llm.backend == "replay":
         log.warning("reason: llm=replay uses the preference texts of %s as they are; reason.history does not "
                     "apply (texts made by the official script include validation/test items)",
-                    llm.get("users_file"))
-        return replay.artifact(cache, STAGE, data, llm, "user", OUTPUT, "userID")
-    if backend not in backends.GENERATIVE:
-        raise ConfigError("llm.backend", f"unknown backend {backend!r} (none, replay, vllm, openai)")
+                    llm.replay.users_file)
+        return replay.artifact(cache, STAGE, data, llm.replay, "user", OUTPUT, "userID")
     try:
-        return _run_llm(rcfg, llm, data, cache, history, list(texts) if texts is not None else item_texts(data))
+        return _run_llm(rs, llm, data, cache, list(texts) if texts is not None else item_texts(data))
     finally:
         backends.release_engines()  # the last LLM stage: free the GPU for encoding and training
 
 
-def _run_titles(rcfg, data: RecData, cache: ArtifactCache, history: str) -> Artifact:
-    config = {"backend": "none", "history": history, "separator": rcfg.separator}
+@dataclass(frozen=True)
+class ReasonSettings:
+    """The ``reason`` node, checked once; the defaults are conf/reason/default.yaml's."""
+
+    history: str
+    separator: str
+    prompt: str
+    list_format: str
+    max_prompt_tokens: int
+    min_item_chars: int
+    tokenizer: str | None
+    postprocess: str
+
+    @classmethod
+    def from_config(cls, node) -> "ReasonSettings":
+        r = settings.plain(node)
+        return cls(
+            history=settings.choice(r.get("history"), "reason.history", ("train", "all")),
+            separator=settings.string(r.get("separator"), "reason.separator", empty=True),
+            prompt=prompts.check_template(r.get("prompt"), prompts.BEHAVIOUR_SLOT, "reason.prompt"),
+            list_format=settings.choice(r.get("list_format"), "reason.list_format", prompts.LIST_FORMATS),
+            max_prompt_tokens=settings.integer(r.get("max_prompt_tokens"), "reason.max_prompt_tokens", 16),
+            min_item_chars=settings.integer(r.get("min_item_chars"), "reason.min_item_chars", 8),
+            tokenizer=settings.string(r.get("tokenizer"), "reason.tokenizer", optional=True),
+            postprocess=runner.check_postprocess(r.get("postprocess"), "reason.postprocess"),
+        )
+
+
+def _run_titles(rs: ReasonSettings, data: RecData, cache: ArtifactCache) -> Artifact:
+    config = {"backend": "none", "history": rs.history, "separator": rs.separator}
 
     def build(out):
         titles = data.item_field("title")
-        sep = rcfg.separator
-        texts = [sep.join(titles[i] for i in items if titles[i]) for items in data.history(history)]
+        texts = [rs.separator.join(titles[i] for i in items if titles[i]) for items in data.history(rs.history)]
         lengths = np.array([len(t) for t in texts])
         pd.DataFrame(
             {"userID": np.arange(data.n_users), "text": texts, "finish_reason": "none"}
@@ -74,32 +97,22 @@ def _run_titles(rcfg, data: RecData, cache: ArtifactCache, history: str) -> Arti
     return cache.fetch(STAGE, config, {"data": data.fingerprint}, build)
 
 
-def _int_setting(rcfg, key: str, default: int, minimum: int) -> int:
-    value = rcfg.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"reason.{key}", f"must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def build_requests(rcfg, llm, data: RecData, texts: Sequence[str], history: str):
-    """Prompt2 per user with a non-empty history, and the truncation counts (``rcfg``: the
-    ``reason`` node; ``llm``: the ``llm`` node, whose model's tokenizer counts the tokens)."""
+def build_requests(rs: ReasonSettings, model: str | None, data: RecData, texts: Sequence[str],
+                   users: Sequence[int] | None = None):
+    """Prompt2 for ``users`` (default: every user with a non-empty history), and the truncation
+    counts of those prompts. Only these prompts are fitted (``model``'s tokenizer counts the tokens
+    of a prompt that may be over ``rs.max_prompt_tokens``)."""
     if len(texts) != data.n_items:
         raise ValueError(f"{len(texts)} item texts for {data.n_items} items")
-    template = prompts.check_template(rcfg.get("prompt"), prompts.BEHAVIOUR_SLOT, "reason.prompt")
-    style = rcfg.get("list_format", "python")
-    if style not in prompts.LIST_FORMATS:
-        raise ConfigError("reason.list_format", f"must be one of {', '.join(prompts.LIST_FORMATS)}, got {style!r}")
-    limit = _int_setting(rcfg, "max_prompt_tokens", 4096, 16)
-    min_chars = _int_setting(rcfg, "min_item_chars", 200, 8)
-    separator = rcfg.get("separator", "; ")
-    counter = prompts.TokenCounter(rcfg.get("tokenizer", "auto"), llm.get("model"))
+    histories = data.history(rs.history)
+    if users is None:
+        users = [u for u, items in enumerate(histories) if len(items)]
+    counter = prompts.TokenCounter(rs.tokenizer, model)
     requests, shortened_prompts, shortened_items, dropping_prompts, dropped_items, fitted = [], 0, 0, 0, 0, 0
-    for u, items in enumerate(data.history(history)):
-        if len(items) == 0:
-            continue
+    for u in users:
         prompt, short, dropped = prompts.fit_behaviour_list(
-            [texts[i] for i in items], template, limit, counter, style, separator, min_chars
+            [texts[i] for i in histories[u]], rs.prompt, rs.max_prompt_tokens, counter, rs.list_format, rs.separator,
+            rs.min_item_chars,
         )
         shortened_prompts += short > 0
         shortened_items += short
@@ -108,34 +121,36 @@ def build_requests(rcfg, llm, data: RecData, texts: Sequence[str], history: str)
         fitted += short > 0 or dropped > 0
         requests.append(backends.Request(int(u), prompt))
     counts = {
-        "history": history,
-        "users_without_history": data.n_users - len(requests),
+        "history": rs.history,
+        "users_without_history": int(sum(len(items) == 0 for items in histories)),
         "prompts_with_shortened_items": int(shortened_prompts),
         "items_shortened": int(shortened_items),
         "prompts_with_dropped_items": int(dropping_prompts),
         "items_dropped": int(dropped_items),
         "prompts_fitted": int(fitted),
-        "max_prompt_tokens": limit,
+        "max_prompt_tokens": rs.max_prompt_tokens,
         "token_counter": counter.name if fitted else "not needed",
     }
     if fitted:
         log.warning("reason: %d prompts were over reason.max_prompt_tokens=%d: %d item descriptions shortened, "
-                    "%d oldest items dropped from %d prompts", fitted, limit, shortened_items, dropped_items,
-                    dropping_prompts)
-    return requests, template, counts
+                    "%d oldest items dropped from %d prompts", fitted, rs.max_prompt_tokens, shortened_items,
+                    dropped_items, dropping_prompts)
+    return requests, counts
 
 
-def _run_llm(rcfg, llm, data: RecData, cache: ArtifactCache, history: str, texts: list[str]) -> Artifact:
-    postprocess = rcfg.get("postprocess", "strip")
-    job = runner.llm_job(llm, postprocess, "reason.postprocess")
-    requests, template, counts = build_requests(rcfg, llm, data, texts, history)
-    if counts["users_without_history"]:
+def _run_llm(rs: ReasonSettings, llm: LLMSettings, data: RecData, cache: ArtifactCache, texts: list[str]) -> Artifact:
+    """Select (``llm.limit``, ``llm.shard``) from the users with a history, then fit and tokenize
+    only the selected users' prompts: this job's shard, or every chosen one without a shard."""
+    candidates = [u for u, items in enumerate(data.history(rs.history)) if len(items)]
+    if len(candidates) < data.n_users:
         log.warning("reason: %d users have no %s interaction; they get an empty preference text",
-                    counts["users_without_history"], "training" if history == "train" else "")
+                    data.n_users - len(candidates), "training" if rs.history == "train" else "")
+    picked = runner.pick(STAGE, candidates, llm.selection)
+    requests, counts = build_requests(rs, llm.model, data, texts, users=picked.mine)
     return runner.generate(
-        cache, STAGE, id_column="userID", n_rows=data.n_users, requests=requests, prompt=template,
-        assembly={"postprocess": postprocess, "history": history}, output=OUTPUT, fill_reason="empty_history",
-        counts=counts, desc=f"reason ({llm.backend})", **job,
+        cache, STAGE, llm, id_column="userID", n_rows=data.n_users, requests=requests, picked=picked,
+        prompt=rs.prompt, assembly={"postprocess": rs.postprocess, "history": rs.history}, output=OUTPUT,
+        fill_reason="empty_history", counts=counts, desc=f"reason ({llm.backend})",
     )
 
 

@@ -1,7 +1,7 @@
 """``python -m mllmrec.bench data_root=<folder with office/ baby/ sports/ clothing/>``
 
-Side-by-side speed and memory: the driver walks the table of :mod:`mllmrec.bench_table`; each
-measured piece (:mod:`mllmrec.bench_pieces`) runs in its own subprocess (so peak RSS is its own),
+Side-by-side speed and memory: the driver walks the table of :mod:`mllmrec.bench.table`; each
+measured piece (:mod:`mllmrec.bench.pieces`) runs in its own subprocess (so peak RSS is its own),
 and the results go to a table on stdout and ``bench.json`` in the run dir:
 
 - ``graph.<ds>``: our sparse graph stage vs a dense re-implementation of the official algorithm;
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from mllmrec.bench_table import SECTIONS, Result, Results, Row, Section, text
+from mllmrec.bench.table import SECTIONS, Result, Results, Row, Section, text
 
 log = logging.getLogger("mllmrec.bench")
 
@@ -28,7 +28,7 @@ log = logging.getLogger("mllmrec.bench")
 # ---------------------------------------------------------------------------- driver
 def run_piece(piece: str, timeout: int = 3600, **kwargs) -> dict:
     """Run one piece in a fresh interpreter; its JSON result is the last stdout line."""
-    cmd = [sys.executable, "-m", "mllmrec.bench_piece", piece, json.dumps(kwargs)]
+    cmd = [sys.executable, "-m", "mllmrec.bench.child", piece, json.dumps(kwargs)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:

@@ -17,7 +17,7 @@ as in MMRec's ``src/models/lattice.py`` with its LightGCN backbone (``cf_model: 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllmrec.errors import ConfigError
-from mllmrec.mm.features import require_modalities
-from mllmrec.mm.graphs import EdgeGraph, edge_matmul, learned_knn_edges, model_item_graph, normalize_edges, refine_settings
-from mllmrec.model import OptimizerFactory, RankingModule, adam, bpr_loss, lightgcn_layers, rows
-
-if TYPE_CHECKING:
-    from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs, OptimizerFactory, RankingModule, adam, with_lr_decay
+from mllmrec.models.knn_graphs import learned_knn_edges, model_item_graph, refine_settings
+from mllmrec.models.layers import EdgeGraph, edge_matmul, lightgcn_layers, normalize_edges, rows
+from mllmrec.models.losses import bpr_logsigmoid
+from mllmrec.models.modalities import require_modalities
 
 
 def row_norm_adj_with_self_loops(train: sp.spmatrix) -> sp.csr_matrix:
@@ -109,10 +108,8 @@ class LATTICEModule(RankingModule):
         h_u, h_i = self.forward_graph(edges)
         u, p, n = rows(h_u, users), rows(h_i, pos), rows(h_i, neg)
         reg = 0.5 * (u.square().sum() + p.square().sum() + n.square().sum()) / users.shape[0]
-        return bpr_loss(u, p, n) + self.hparams.reg_weight * reg
+        return bpr_logsigmoid(u, p, n) + self.hparams.reg_weight * reg
 
     def configure_optimizers(self):
-        opt = super().configure_optimizers()
-        decay, every = float(self.hparams.lr_decay), float(self.hparams.lr_decay_epochs)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: decay ** (epoch / every))
-        return {"optimizer": opt, "lr_scheduler": sched}
+        return with_lr_decay(super().configure_optimizers(), float(self.hparams.lr_decay),
+                             float(self.hparams.lr_decay_epochs))

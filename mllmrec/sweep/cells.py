@@ -2,7 +2,8 @@
 
 A *cell* is one combination of swept settings (e.g. alpha=0.6, K_c=10); its jobs differ only
 in ``seed``. Per cell: mean, std (ddof=1) and count of each metric over the completed jobs.
-The best cell has the highest MEAN validation R@20. A cell is "not distinguishable from the
+The best cell has the highest MEAN of the selecting validation metric (``eval.valid_metric``,
+default Recall@20). A cell is "not distinguishable from the
 best" when the best's mean exceeds its mean by at most one standard error of the difference
 of the two means, ``sqrt(s_b^2/n_b + s_c^2/n_c)`` (Welch's, seeds treated as independent
 draws). Cells with fewer than two completed seeds (or a best cell with one) are not judged.
@@ -15,21 +16,24 @@ import math
 import numpy as np
 import pandas as pd
 
-METRIC_COLUMNS = (
-    "val/recall@10", "val/recall@20", "val/ndcg@10", "val/ndcg@20",
-    "test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20",
-    "best_epoch", "epochs", "fit_seconds", "seconds_per_epoch",
-)
-SELECT = "val/recall@20"
-NOT_SETTINGS = ("job", "overrides", "status", "error", "seed", *METRIC_COLUMNS,
+from mllmrec.metrics import EvalSpec
+
+RUN_COLUMNS = ("best_epoch", "epochs", "fit_seconds", "seconds_per_epoch")
+NOT_SETTINGS = ("job", "overrides", "status", "error", "seed", *RUN_COLUMNS,
                 "cell", "n", "failed", "seeds", "best", "se_diff", "within_1se_of_best")
 RULE = "within 1 SE of the best: mean gap <= sqrt(s_best²/n_best + s²/n)"
 
 
+def metric_columns(spec: EvalSpec) -> tuple[str, ...]:
+    """The per-job numbers a summary keeps: every validation and test metric ``spec`` computes, then
+    the run's epochs and seconds."""
+    return (*spec.columns("val"), *spec.columns("test"), *RUN_COLUMNS)
+
+
 def setting_columns(df: pd.DataFrame) -> list[str]:
     """The swept settings that define a cell: every summary column but the seed, status and metrics."""
-    return [c for c in df.columns
-            if c not in NOT_SETTINGS and "=" not in c and not c.endswith(("_mean", "_std"))]
+    return [c for c in df.columns if c not in NOT_SETTINGS and "=" not in c
+            and not c.startswith(("val/", "test/")) and not c.endswith(("_mean", "_std"))]
 
 
 def fmt_value(value) -> str:
@@ -48,32 +52,34 @@ def _stats(values: pd.Series) -> tuple[float, float]:
     return mean, std
 
 
-def summarize_cells(df: pd.DataFrame) -> pd.DataFrame:
+def summarize_cells(df: pd.DataFrame, spec: EvalSpec | None = None) -> pd.DataFrame:
     """One row per cell: its settings, ``n`` completed jobs, ``failed``, seeds, ``<metric>_mean/_std``,
-    and the verdict columns ``best`` and ``within_1se_of_best`` (see the module doc)."""
-    settings = setting_columns(df)
+    and the verdict columns ``best`` and ``within_1se_of_best`` (see the module doc); ``spec``: the
+    metrics and the selecting one (``conf/eval``)."""
+    spec = spec or EvalSpec.default()
+    select, settings = spec.select, setting_columns(df)
     rows = []
     groups = df.groupby(settings, dropna=False, sort=False) if settings else [((), df)]
     for _, group in groups:
         ok = group[group["status"] == "completed"]
-        if SELECT in ok:
-            ok = ok[pd.to_numeric(ok[SELECT], errors="coerce").notna()]
+        if select in ok:
+            ok = ok[pd.to_numeric(ok[select], errors="coerce").notna()]
         row = {s: group[s].iloc[0] for s in settings}
         row["cell"] = ",".join(f"{s}={fmt_value(row[s])}" for s in settings) or "(defaults)"
         row["n"] = len(ok)
         row["failed"] = int((group["status"] != "completed").sum())
         if "seed" in group:
             row["seeds"] = " ".join(fmt_value(s) for s in ok["seed"])
-        for m in METRIC_COLUMNS:
+        for m in metric_columns(spec):
             row[f"{m}_mean"], row[f"{m}_std"] = _stats(ok[m]) if m in ok else (math.nan, math.nan)
         rows.append(row)
-    return judge(pd.DataFrame(rows))
+    return judge(pd.DataFrame(rows), select)
 
 
-def judge(cells: pd.DataFrame) -> pd.DataFrame:
-    """Add ``best`` (highest mean validation R@20), ``se_diff`` and ``within_1se_of_best``."""
+def judge(cells: pd.DataFrame, select: str) -> pd.DataFrame:
+    """Add ``best`` (highest mean of the ``select`` metric), ``se_diff`` and ``within_1se_of_best``."""
     cells = cells.copy()
-    mean, std, n = cells[f"{SELECT}_mean"].astype(float), cells[f"{SELECT}_std"].astype(float), cells["n"]
+    mean, std, n = cells[f"{select}_mean"].astype(float), cells[f"{select}_std"].astype(float), cells["n"]
     cells["best"] = False
     cells["se_diff"] = math.nan
     cells["within_1se_of_best"] = False

@@ -1,6 +1,6 @@
 """The bench's GPU grid piece (issue 13): the whole 16-cell alpha x K_c grid through the real CLI,
 sequential (Hydra's basic launcher) vs ``hydra/launcher=parallel`` (joblib) with 4 jobs; its rows
-(and the captured-step epoch beside the GEMM floor) are declared in :mod:`mllmrec.bench_table`.
+(and the captured-step epoch beside the GEMM floor) are declared in :mod:`mllmrec.bench.table`.
 
 The grid runs ``python -m mllmrec.train -m`` as a user would (early stopping on), on random unit
 inputs (``encoder.model=random``, as the other timing pieces): the stage cache is built once first
@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mllmrec.metrics import EvalSpec
 
 
 def _cli(module: str, args: list[str], timeout: int) -> tuple[float, subprocess.CompletedProcess]:
@@ -55,7 +57,8 @@ def piece_grid(data_root, dataset, device="cuda", n_jobs=4, cuda_graphs="false",
             df = pd.read_csv(summary) if summary.is_file() else None
             out[f"{label}_seconds"] = seconds
             out[f"{label}_completed"] = int((df["status"] == "completed").sum()) if df is not None else 0
-            out[f"{label}_best_val_recall@20"] = float(df["val/recall@20"].max()) if df is not None else None
+            select = EvalSpec.default().select  # the grid runs at the default conf/eval
+            out[f"{label}_best_{select.replace('/', '_')}"] = float(df[select].max()) if df is not None else None
             out[f"{label}_epochs_total"] = int(df["epochs"].sum()) if df is not None else None
             if proc.returncode != 0:
                 out[f"{label}_error"] = _last_error(proc)
@@ -64,5 +67,5 @@ def piece_grid(data_root, dataset, device="cuda", n_jobs=4, cuda_graphs="false",
     return out
 
 
-if __name__ == "__main__":  # python -m mllmrec.bench_grid <data_root> <dataset> <device> [override ...]
+if __name__ == "__main__":  # python -m mllmrec.bench.grid <data_root> <dataset> <device> [override ...]
     print(json.dumps(piece_grid(sys.argv[1], sys.argv[2], sys.argv[3], extra=sys.argv[4:]), indent=2))

@@ -17,19 +17,30 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mllmrec.cells import METRIC_COLUMNS, RULE, SELECT, best_cell, mean_std, setting_columns, slice_at, summarize_cells, varying
 from mllmrec.files import write_text_atomic
-from mllmrec.tables import TABLES, comparison_table
+from mllmrec.metrics import EvalSpec, short_label
+from mllmrec.sweep.cells import (
+    RULE,
+    best_cell,
+    mean_std,
+    metric_columns,
+    setting_columns,
+    slice_at,
+    summarize_cells,
+    varying,
+)
+from mllmrec.sweep.tables import comparison_table, tables
 
-log = logging.getLogger("mllmrec.sweep")
+log = logging.getLogger("mllmrec.sweep.summary")
 
 AXES = ("graph.alpha", "graph.k_c")
 BEST_STYLE = {"edgecolor": "red", "linewidth": 2.5}
 TIED_STYLE = {"edgecolor": "magenta", "linewidth": 2.5, "linestyle": "--"}
 
 
-def collect(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job folder under ``sweep_dir``: swept settings, status and metrics."""
+def collect(sweep_dir: Path, spec: EvalSpec | None = None) -> pd.DataFrame:
+    """One row per job folder under ``sweep_dir``: swept settings, status and the metrics of ``spec``."""
+    columns = metric_columns(spec or EvalSpec.default())
     rows = []
     for hydra_dir in sorted(sweep_dir.glob("*/.hydra")):
         job_dir = hydra_dir.parent
@@ -46,14 +57,14 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
             metrics = json.loads(metrics_path.read_text())
             row["status"] = metrics.get("status", "completed")
             row["error"] = metrics.get("error", "")
-            row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
+            row.update({k: metrics.get(k) for k in columns})
         else:
             row["status"] = "failed"
             row["error"] = "no metrics.json (the job did not finish)"
         rows.append(row)
     df = pd.DataFrame(rows)
     # keep, besides the grid axes, only the override keys that differ between jobs (the swept ones)
-    extra = [c for c in df.columns if "=" not in c and c not in ("job", "overrides", "status", "error", *AXES, *METRIC_COLUMNS)]
+    extra = [c for c in df.columns if "=" not in c and c not in ("job", "overrides", "status", "error", *AXES, *columns)]
     df = df.drop(columns=[c for c in extra if df[c].astype(str).nunique() <= 1])
     if len(df) and "job" in df:
         df["_num"] = df["job"].str.extract(r"^(\d+)", expand=False).astype(float)
@@ -66,12 +77,12 @@ def write_csv(df: pd.DataFrame, path: Path) -> Path:
     return write_text_atomic(path, df.to_csv(index=False))
 
 
-def best_row(df: pd.DataFrame) -> pd.Series | None:
-    """The best single JOB by validation R@20 (the best CELL, by mean, is ``cells.best_cell``)."""
-    ok = df[(df["status"] == "completed") & df["val/recall@20"].notna()] if "val/recall@20" in df else df.iloc[:0]
+def best_row(df: pd.DataFrame, select: str) -> pd.Series | None:
+    """The best single JOB by the ``select`` metric (the best CELL, by mean, is ``cells.best_cell``)."""
+    ok = df[(df["status"] == "completed") & df[select].notna()] if select in df else df.iloc[:0]
     if not len(ok):
         return None
-    return ok.loc[ok["val/recall@20"].astype(float).idxmax()]
+    return ok.loc[ok[select].astype(float).idxmax()]
 
 
 def _cell_grid(cells: pd.DataFrame, column: str, alphas: list, kcs: list):
@@ -113,16 +124,19 @@ def _heatmap_panel(ax, cells: pd.DataFrame, metric: str, alphas: list, kcs: list
     return im
 
 
-def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "") -> Path | None:
-    """Mean validation R@20 over alpha x K_c beside mean test R@20, "± std" per cell when seeds were
-    swept; the best cell (by mean validation R@20) boxed, the cells within 1 SE of it outlined."""
+def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "", spec: EvalSpec | None = None) -> Path | None:
+    """Mean validation R@20 (the selecting metric of ``spec``) over alpha x K_c beside its mean on test,
+    "± std" per cell when seeds were swept; the best cell (by the mean selecting metric) boxed, the
+    cells within 1 SE of it outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    cells = slice_at(cells[cells[f"{SELECT}_mean"].notna()], best_cell(cells), AXES)
+    spec = spec or EvalSpec.default()
+    select, test_metric = spec.select, f"test/{spec.valid_metric}"
+    cells = slice_at(cells[cells[f"{select}_mean"].notna()], best_cell(cells), AXES)
     if not len(cells) or any(a not in cells for a in AXES):
         return None
     alphas = sorted(cells["graph.alpha"].astype(float).unique())
@@ -130,13 +144,15 @@ def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "") -> Path | Non
     n_max = int(cells["n"].max())
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.5 * len(kcs) * 2, 2.3 + (1.0 if n_max > 1 else 0.8) * len(alphas)),
                              squeeze=False)
-    for ax, metric, label in zip(axes[0], ("val/recall@20", "test/recall@20"), ("validation R@20", "test R@20")):
+    for ax, metric, label in zip(axes[0], (select, test_metric),
+                                 (f"validation {short_label(select)}", f"test {short_label(test_metric)}")):
         fig.colorbar(_heatmap_panel(ax, cells, metric, alphas, kcs), ax=ax, shrink=0.8)
         ax.set_title(label + (f", mean ± std over {n_max} seeds" if n_max > 1 else ""))
-    handles = [Line2D([], [], color=BEST_STYLE["edgecolor"], linewidth=2.5, label="best mean validation R@20")]
+    handles = [Line2D([], [], color=BEST_STYLE["edgecolor"], linewidth=2.5,
+                      label=f"best mean validation {short_label(select)}")]
     if n_max > 1:
         handles.append(Line2D([], [], color=TIED_STYLE["edgecolor"], linewidth=2.5, linestyle="--",
-                              label=f"not distinguishable from the best ({RULE}, on validation R@20)"))
+                              label=f"not distinguishable from the best ({RULE}, on validation {short_label(select)})"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(title or "alpha x K_c sensitivity")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
@@ -145,7 +161,7 @@ def plot_heatmap(cells: pd.DataFrame, path: Path, title: str = "") -> Path | Non
     return path
 
 
-def plot_line(cells: pd.DataFrame, key: str, path: Path, title: str = "") -> Path | None:
+def plot_line(cells: pd.DataFrame, key: str, path: Path, title: str = "", spec: EvalSpec | None = None) -> Path | None:
     """Metric against one swept numeric setting (e.g. model.d: the paper's Figure 5); the mean over
     seeds with ± std error bars when seeds were swept."""
     import matplotlib
@@ -160,7 +176,8 @@ def plot_line(cells: pd.DataFrame, key: str, path: Path, title: str = "") -> Pat
         return None
     n_max = int(ok["n"].max())
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, metric in zip(axes, ("recall@20", "ndcg@20")):
+    k = max((spec or EvalSpec.default()).topk)
+    for ax, metric in zip(axes, (f"recall@{k}", f"ndcg@{k}")):
         for split, style in (("val", "o--"), ("test", "s-")):
             mean, std = ok[f"{split}/{metric}_mean"].astype(float), ok[f"{split}/{metric}_std"].astype(float)
             ax.errorbar(ok["_x"], mean, yerr=std.fillna(0) if n_max > 1 else None, fmt=style, capsize=3,
@@ -178,14 +195,14 @@ def plot_line(cells: pd.DataFrame, key: str, path: Path, title: str = "") -> Pat
     return path
 
 
-def _best_summary(cells: pd.DataFrame) -> dict:
+def _best_summary(cells: pd.DataFrame, spec: EvalSpec) -> dict:
     """The best cell's settings, n, and (mean, std) of each metric, as W&B summary keys."""
     best = best_cell(cells)
     if best is None:
         return {}
     out = {f"best/{k}": best[k] for k in setting_columns(cells) if not pd.isna(best[k])}
     out.update({"best/cell": best["cell"], "best/n": int(best["n"])})
-    for m in METRIC_COLUMNS:
+    for m in metric_columns(spec):
         out[f"best/{m}/mean"] = best[f"{m}_mean"]
         if not math.isnan(best[f"{m}_std"]):
             out[f"best/{m}/std"] = best[f"{m}_std"]
@@ -201,7 +218,8 @@ def _wandb_table(df: pd.DataFrame):
     return wandb.Table(dataframe=df.astype(object).where(df.notna(), None))  # a missing number: None, not ""
 
 
-def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: pd.DataFrame, cells: pd.DataFrame, plot: Path | None) -> None:
+def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: pd.DataFrame, cells: pd.DataFrame, plot: Path | None,
+                  spec: EvalSpec) -> None:
     wb_cfg = OmegaConf.select(config, "logger.wandb")
     if wb_cfg is None:
         return
@@ -222,62 +240,63 @@ def _log_to_wandb(config: DictConfig, sweep_dir: Path, df: pd.DataFrame, cells: 
         run.log({"summary": _wandb_table(df), "summary_by_cell": _wandb_table(cells)})
         if plot is not None:
             run.log({plot.stem: wandb.Image(str(plot))})
-        run.summary.update(_best_summary(cells))
+        run.summary.update(_best_summary(cells, spec))
     finally:
         run.finish()
 
 
-def _log_best(cells: pd.DataFrame) -> None:
-    """The best cell by mean validation R@20 with (mean ± std, n), and the cells not distinguishable from it."""
+def _log_best(cells: pd.DataFrame, spec: EvalSpec) -> None:
+    """The best cell by the mean selecting metric with (mean ± std, n), and the cells not distinguishable from it."""
     best = best_cell(cells)
     if best is None:
         return
     seeds = f" (mean ± std over {best['n']} seeds)" if best["n"] > 1 else ""
-    log.info("best by validation R@20%s: %s | val R@20 %s | test R@10 %s R@20 %s N@10 %s N@20 %s | n=%d",
-             seeds, best["cell"], *(mean_std(best, m) for m in
-                                    ("val/recall@20", "test/recall@10", "test/recall@20", "test/ndcg@10", "test/ndcg@20")),
-             best["n"])
+    label = f"val {short_label(spec.select)}"
+    tested = " ".join(f"{short_label(m)} {mean_std(best, m)}" for m in spec.columns("test"))
+    log.info("best by validation %s%s: %s | %s %s | test %s | n=%d", short_label(spec.select), seeds, best["cell"],
+             label, mean_std(best, spec.select), tested, best["n"])
     if (cells["n"] > 1).any():
         tied = cells[cells["within_1se_of_best"]]
-        listed = "; ".join(f"{c['cell']} (val R@20 {mean_std(c, SELECT)}, n={c['n']})" for _, c in tied.iterrows())
+        listed = "; ".join(f"{c['cell']} ({label} {mean_std(c, spec.select)}, n={c['n']})" for _, c in tied.iterrows())
         log.info("not distinguishable from the best (%s): %s", RULE, listed or "none")
 
 
 class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        df = collect(sweep_dir)
+        spec = EvalSpec.from_config(config.get("eval"))
+        df = collect(sweep_dir, spec)
         if not len(df):
             log.warning("multirun: no job folders under %s", sweep_dir)
             return
         csv_path = sweep_dir / "summary.csv"
         write_csv(df, csv_path)
-        cells = summarize_cells(df)
+        cells = summarize_cells(df, spec)
         write_csv(cells, sweep_dir / "summary_by_cell.csv")
         dataset = OmegaConf.select(config, "dataset.name")
         plot = None
         if any(varying(df, a) for a in AXES):
-            plot = plot_heatmap(cells, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c")
-        for key, stem, labels, metrics in TABLES:
+            plot = plot_heatmap(cells, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c", spec)
+        for key, stem, labels, metrics, reference in tables(spec):
             if varying(df, key):
-                comparison_table(cells, sweep_dir, key, stem, labels, metrics)
+                comparison_table(cells, sweep_dir, key, stem, labels, metrics, reference, df)
         if varying(df, "graph.refine"):  # experiment=plug_in: the paper's Figure 3
-            from mllmrec.mm.plug_in import summarize_plug_in
+            from mllmrec.sweep.plug_in import summarize_plug_in
 
-            plot = summarize_plug_in(df, sweep_dir, dataset) or plot
+            plot = summarize_plug_in(df, sweep_dir, dataset, spec) or plot
         skip = (*AXES, "variant", "graph.refine", "model")
         others = [c for c in setting_columns(cells) if c not in skip and varying(cells, c)]
         for key in others:
             if pd.to_numeric(cells[key], errors="coerce").notna().all():
-                line = plot_line(cells, key, sweep_dir / "sweep.png", f"{dataset}: sensitivity to {key}")
+                line = plot_line(cells, key, sweep_dir / "sweep.png", f"{dataset}: sensitivity to {key}", spec)
                 plot = plot or line
                 break
         n_failed = int((df["status"] != "completed").sum())
         log.info("multirun: %d jobs in %d cells (%d failed) -> %s, %s%s", len(df), len(cells), n_failed, csv_path,
                  sweep_dir / "summary_by_cell.csv", f", {plot}" if plot else "")
-        _log_best(cells)
+        _log_best(cells, spec)
         try:
-            _log_to_wandb(config, sweep_dir, df, cells, plot)
+            _log_to_wandb(config, sweep_dir, df, cells, plot, spec)
         except Exception as exc:  # the summary files stand even if W&B is unreachable
             log.error("multirun: could not log the summary to W&B: %s", exc)
         if n_failed:

@@ -1,9 +1,9 @@
 """Item-item graphs of the multimodal baselines, sparse throughout (no |I| x |I| dense matrix).
 
 * :func:`model_item_graph` builds a model's frozen modality kNN graph from its own cosine top-k
-  candidates (:func:`mllmrec.graph.knn_candidates`, computed in row chunks), normalised
+  candidates (:func:`mllmrec.item_graph.knn_candidates`, computed in row chunks), normalised
   D^-1/2 A D^-1/2. With ``refine`` it is the paper's plug-and-play refinement instead: the same
-  candidates go through :func:`mllmrec.graph.refine_item_graph` (alpha threshold + Jaccard
+  candidates go through :func:`mllmrec.item_graph.refine_item_graph` (alpha threshold + Jaccard
   top-K_c co-occurrence), the one function MLLMRec itself uses.
 * :func:`learned_knn_edges` is LATTICE's learned graph: the top-k neighbours are searched in
   chunks without gradient, then only the k similarities per row are recomputed with gradient.
@@ -16,37 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mllmrec.graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
-
-
-def edge_matmul(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
-    """``A @ x`` for the sparse A with entries ``A[rows, cols] = vals`` (differentiable in vals and x).
-
-    ``F.embedding`` gathers with a deterministic backward (see :func:`mllmrec.model.rows`).
-    """
-    msg = F.embedding(cols, x) * vals.unsqueeze(1)
-    return torch.zeros(n, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, rows, msg)
-
-
-class EdgeGraph(nn.Module):
-    """A fixed sparse matrix (any shape, not necessarily symmetric) as a module: ``graph(x) = A @ x``."""
-
-    def __init__(self, matrix: sp.spmatrix):
-        super().__init__()
-        coo = sp.coo_matrix(matrix, dtype=np.float32)
-        self.n = coo.shape[0]
-        self.register_buffer("rows", torch.from_numpy(coo.row.astype(np.int64)), persistent=False)
-        self.register_buffer("cols", torch.from_numpy(coo.col.astype(np.int64)), persistent=False)
-        self.register_buffer("vals", torch.from_numpy(coo.data.copy()), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return edge_matmul(self.rows, self.cols, self.vals, x, self.n)
-
-    def to_scipy(self) -> sp.csr_matrix:
-        return sp.csr_matrix((self.vals.cpu().numpy(), (self.rows.cpu().numpy(), self.cols.cpu().numpy())),
-                             shape=(self.n, self.n))
+from mllmrec.item_graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
 
 
 def weighted_knn(knn_idx: np.ndarray, knn_sim: np.ndarray) -> sp.csr_matrix:
@@ -92,13 +63,6 @@ def _topk_cols(feats_n: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
     for start in range(0, feats_n.shape[0], chunk):
         out.append(torch.topk(feats_n[start:start + chunk] @ feats_n.T, k, dim=1).indices)
     return torch.cat(out)
-
-
-def normalize_edges(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n: int) -> torch.Tensor:
-    """The values of D^-1/2 S D^-1/2 for S given by its edges (D: row sums; empty rows stay 0)."""
-    deg = torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add(0, rows, vals)
-    inv = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), torch.zeros_like(deg))
-    return inv[rows] * vals * inv[cols]
 
 
 def learned_knn_edges(feats: torch.Tensor, k: int, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """What :mod:`mllmrec.bench` measures, declared as a table.
 
 A :class:`Section` names the datasets it runs on (each one present under ``data_root``, in
-order), its :class:`Step` s (a piece of :mod:`mllmrec.bench_pieces`, the inputs it needs, the
+order), its :class:`Step` s (a piece of :mod:`mllmrec.bench.pieces`, the inputs it needs, the
 ``bench.json`` keys it fills) and its :class:`Row` s of the printed table (ours beside a
 baseline). The driver walks :data:`SECTIONS` in order: per dataset, every step that applies,
 then every row whose ``ours`` step ran.

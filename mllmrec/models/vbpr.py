@@ -8,18 +8,16 @@ plus ``reg_weight`` x MMRec's EmbLoss over the batch rows.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from mllmrec.baselines import emb_reg, mmrec_bpr
-from mllmrec.mm.features import require_modalities
-from mllmrec.model import OptimizerFactory, RankingModule, rows
-
-if TYPE_CHECKING:
-    from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs, OptimizerFactory, RankingModule
+from mllmrec.models.layers import rows
+from mllmrec.models.losses import bpr_sigmoid_eps, emb_reg
+from mllmrec.models.modalities import require_modalities
 
 
 def concat_modalities(modalities: dict[str, np.ndarray]) -> torch.Tensor:
@@ -53,5 +51,5 @@ class VBPRModule(RankingModule):
     def batch_loss(self, users, pos, neg):
         u = rows(self.user_emb, users)
         p, n = self.item_repr(torch.cat([pos, neg])).split(users.shape[0])
-        loss = mmrec_bpr((u * p).sum(1), (u * n).sum(1))
+        loss = bpr_sigmoid_eps((u * p).sum(1), (u * n).sum(1))
         return loss + self.hparams.reg_weight * emb_reg(u, p, n)

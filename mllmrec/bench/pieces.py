@@ -1,5 +1,5 @@
 """The measured pieces of :mod:`mllmrec.bench`, each run alone in a fresh interpreter
-(:mod:`mllmrec.bench_piece`) so that its peak memory is its own. Each returns a JSON-able dict.
+(:mod:`mllmrec.bench.child`) so that its peak memory is its own. Each returns a JSON-able dict.
 
 - ``graph_ours`` / ``graph_dense``: our sparse graph stage vs a dense re-implementation of the
   official algorithm (dense |I|x|I| cosine + top-k, dense |U|x|I| matrix for the Jaccard product)
@@ -10,7 +10,7 @@
   batch likewise).
 - ``gemm_floor``: the matrix products such an epoch cannot avoid, timed alone.
 - ``eval_ours``: our full-ranking Recall/NDCG@10/20 over all validation users.
-- ``grid``: the 16-cell grid through the CLI (:mod:`mllmrec.bench_grid`).
+- ``grid``: the 16-cell grid through the CLI (:mod:`mllmrec.bench.grid`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mllmrec.bench_grid import piece_grid
+from mllmrec.bench.grid import piece_grid
 from mllmrec.vectors import random_unit_rows
 
 FEATURE_DIM = 384
@@ -64,7 +64,7 @@ def graph_digest(rows, cols, vals) -> tuple[str, int]:
 
 
 def piece_graph_ours(data_root, dataset, k_s=10, k_c=10, alpha=0.15, layers=1, device="cpu", **_):
-    from mllmrec.graph import cooccurrence_topk, knn_candidates, propagate, refine_item_graph, sym_normalize
+    from mllmrec.item_graph import cooccurrence_topk, knn_candidates, propagate, refine_item_graph, sym_normalize
 
     data = load(data_root, dataset)
     feats = random_unit_rows(data.n_items, FEATURE_DIM, 0)
@@ -136,8 +136,8 @@ def _sports_setup(data_root, dataset, device, eval_batch_size="auto", cuda_graph
     import torch
 
     from mllmrec.datamodule import RecDataModule
-    from mllmrec.model import MLLMRecModule
-    from mllmrec.pipeline import Inputs
+    from mllmrec.models.base import Inputs
+    from mllmrec.models.mllmrec import MLLMRecModule
 
     data = load(data_root, dataset)
     users = random_unit_rows(data.n_users, FEATURE_DIM, 1)
@@ -183,9 +183,9 @@ def piece_train_official(data_root, dataset, epochs=1, device="cpu", **_):
     import torch
 
     from mllmrec.datamodule import sample_negatives
-    from mllmrec.graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
-    from mllmrec.metrics import evaluate_batch
-    from mllmrec.model import bpr_loss
+    from mllmrec.item_graph import cooccurrence_topk, knn_candidates, refine_item_graph, sym_normalize
+    from mllmrec.metrics import EvalSpec, evaluate_batch
+    from mllmrec.models.losses import bpr_logsigmoid
 
     data, model, dm = _sports_setup(data_root, dataset, device, eval_batch_size=4096)  # MMRec's eval batch
     dev = torch.device(device)
@@ -213,7 +213,7 @@ def piece_train_official(data_root, dataset, epochs=1, device="cpu", **_):
         for s in range(0, users.numel(), 2048):
             opt.zero_grad()
             h_u, h_i = forward()
-            loss = bpr_loss(h_u[users[s:s + 2048]], h_i[pos[s:s + 2048]], h_i[neg[s:s + 2048]])
+            loss = bpr_logsigmoid(h_u[users[s:s + 2048]], h_i[pos[s:s + 2048]], h_i[neg[s:s + 2048]])
             loss.backward()
             opt.step()
         model.eval()
@@ -221,7 +221,7 @@ def piece_train_official(data_root, dataset, epochs=1, device="cpu", **_):
             for batch in dm.eval_batches["valid"]:
                 batch = {k: v.to(dev) for k, v in batch.items()}
                 h_u, h_i = forward()
-                evaluate_batch(h_u[batch["users"]] @ h_i.T, batch)
+                evaluate_batch(h_u[batch["users"]] @ h_i.T, batch, EvalSpec.default().topk)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

@@ -21,10 +21,11 @@ from mllmrec.errors import ConfigError, DataError
 MODALITIES = ("text", "image")
 
 
-def load_feature_file(path: Path, n_items: int) -> np.ndarray:
-    """A ``[n_items, d]`` float32 matrix from a ``.npy`` file, validated (one-line errors)."""
+def load_feature_file(path: Path, n_items: int, row: str = "item", key: str = "dataset.features") -> np.ndarray:
+    """A ``[n_items, d]`` float32 matrix from a ``.npy`` file, validated (one-line errors); ``row``: what
+    a row is (``item``: row = itemID, ``user``: row = userID), ``key``: the setting that names the file."""
     if not path.is_file():
-        raise DataError(path, "feature file not found (dataset.features names it)")
+        raise DataError(path, f"feature file not found ({key} names it)")
     try:
         feat = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is a data error
@@ -32,13 +33,19 @@ def load_feature_file(path: Path, n_items: int) -> np.ndarray:
     if feat.ndim != 2:
         raise DataError(path, f"expected a 2-D array [items, dim], got shape {feat.shape}")
     if feat.shape[0] != n_items:
-        raise DataError(path, f"has {feat.shape[0]} rows but the dataset has {n_items} items (row = itemID)")
+        raise DataError(path, f"has {feat.shape[0]} rows but the dataset has {n_items} {row}s (row = {row}ID)")
     if not np.issubdtype(feat.dtype, np.number):
         raise DataError(path, f"non-numeric dtype {feat.dtype}")
     bad = np.flatnonzero(~np.isfinite(feat).all(axis=1))
     if bad.size:
-        raise DataError(path, f"non-finite value in row {int(bad[0])} (itemID {int(bad[0])})")
+        raise DataError(path, f"non-finite value in row {int(bad[0])} ({row}ID {int(bad[0])})")
     return np.ascontiguousarray(feat, dtype=np.float32)
+
+
+def data_path(name, data_dir) -> Path:
+    """A file named in the dataset config: absolute, or relative to the dataset's ``data_dir``."""
+    path = Path(str(name)).expanduser()
+    return path if path.is_absolute() else Path(str(data_dir)).expanduser() / path
 
 
 def feature_files(named, data_dir) -> dict[str, Path]:
@@ -48,12 +55,7 @@ def feature_files(named, data_dir) -> dict[str, Path]:
     unknown = sorted(set(named) - set(MODALITIES))
     if unknown:
         raise ConfigError("dataset.features", f"unknown modality {unknown[0]!r} (known: {', '.join(MODALITIES)})")
-    out = {}
-    for modality, name in named.items():
-        if name:
-            path = Path(str(name)).expanduser()
-            out[modality] = path if path.is_absolute() else Path(str(data_dir)).expanduser() / path
-    return out
+    return {modality: data_path(name, data_dir) for modality, name in named.items() if name}
 
 
 def load_modalities(files: dict[str, Path], n_items: int, text_fallback=None) -> dict[str, np.ndarray]:

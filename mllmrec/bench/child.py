@@ -1,10 +1,10 @@
-"""Child process of :mod:`mllmrec.bench`: ``python -m mllmrec.bench_piece <piece> '<json kwargs>'``."""
+"""Child process of :mod:`mllmrec.bench`: ``python -m mllmrec.bench.child <piece> '<json kwargs>'``."""
 
 import json
 import logging
 import sys
 
-from mllmrec.bench_pieces import PIECES
+from mllmrec.bench.pieces import PIECES
 
 if __name__ == "__main__":
     logging.disable(logging.WARNING)

@@ -11,12 +11,12 @@ Multimodal Recommendation", ACM MM 2023), as in MMRec's ``src/models/freedom.py`
   with f the (trainable, initialised from the features) modality embeddings.
 * ``refine=True`` (``graph.refine=true``): the frozen graph is the paper's refined graph on the
   same candidates, with ``alpha``, ``k_c``, ``denoise``, ``enhance`` of ``conf/graph``
-  (interpolated in ``conf/model/freedom.yaml``; see :func:`mllmrec.mm.graphs.model_item_graph`).
+  (interpolated in ``conf/model/freedom.yaml``; see :func:`mllmrec.models.knn_graphs.model_item_graph`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,12 +24,11 @@ import torch
 from torch import nn
 
 from mllmrec.errors import ConfigError
-from mllmrec.mm.features import require_modalities
-from mllmrec.mm.graphs import EdgeGraph, model_item_graph, refine_settings
-from mllmrec.model import OptimizerFactory, RankingModule, bipartite_norm_adj, bpr_loss, lightgcn_layers, rows
-
-if TYPE_CHECKING:
-    from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs, OptimizerFactory, RankingModule
+from mllmrec.models.knn_graphs import model_item_graph, refine_settings
+from mllmrec.models.layers import EdgeGraph, bipartite_norm_adj, lightgcn_layers, rows
+from mllmrec.models.losses import bpr_logsigmoid
+from mllmrec.models.modalities import require_modalities
 
 
 def mixed_modality_graph(modalities: dict, k: int, image_weight: float, train_matrix, refine, weighted=False):
@@ -98,8 +97,8 @@ class FREEDOMModule(RankingModule):
     def batch_loss(self, users, pos, neg):
         h_u, h_i = self.forward_graph(self.masked_adj)
         u = rows(h_u, users)
-        loss = bpr_loss(u, rows(h_i, pos), rows(h_i, neg))
+        loss = bpr_logsigmoid(u, rows(h_i, pos), rows(h_i, neg))
         for m, feat in self.feat.items():
             f_pos, f_neg = self.trs[m](rows(feat, torch.cat([pos, neg]))).split(users.shape[0])
-            loss = loss + self.hparams.reg_weight * bpr_loss(u, f_pos, f_neg)
+            loss = loss + self.hparams.reg_weight * bpr_logsigmoid(u, f_pos, f_neg)
         return loss

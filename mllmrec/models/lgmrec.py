@@ -20,7 +20,7 @@ uses the noiseless softmax memberships (MMRec draws Gumbel noise at test time to
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,12 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllmrec.mm.features import require_modalities
-from mllmrec.mm.graphs import EdgeGraph
-from mllmrec.model import OptimizerFactory, RankingModule, bipartite_norm_adj, bpr_loss, lightgcn_layers, rows
-
-if TYPE_CHECKING:
-    from mllmrec.pipeline import Inputs
+from mllmrec.models.base import Inputs, OptimizerFactory, RankingModule
+from mllmrec.models.layers import EdgeGraph, bipartite_norm_adj, lightgcn_layers, rows
+from mllmrec.models.losses import bpr_logsigmoid
+from mllmrec.models.modalities import require_modalities
 
 TAU = 0.2
 
@@ -117,7 +115,7 @@ class LGMRecModule(RankingModule):
         h_u, h_i, hyper = self.embed()
         u, p, n = rows(h_u, users), rows(h_i, pos), rows(h_i, neg)
         reg = (torch.linalg.vector_norm(u) + torch.linalg.vector_norm(p) + torch.linalg.vector_norm(n)) / n.shape[0]
-        loss = bpr_loss(u, p, n) + self.hparams.reg_weight * reg
+        loss = bpr_logsigmoid(u, p, n) + self.hparams.reg_weight * reg
         if len(self.modalities) >= 2:  # cross-modal hypergraph contrast (the first two modalities)
             (u_a, i_a), (u_b, i_b) = hyper[self.modalities[1]], hyper[self.modalities[0]]  # image vs text
             hcl = info_nce(rows(u_a, users), rows(u_b, users), u_b) + info_nce(rows(i_a, pos), rows(i_b, pos), i_b)

@@ -1,0 +1,32 @@
+"""The model zoo as the tests see it: every ``conf/model/<name>.yaml``, its class and what it needs.
+A new config is covered by the zoo-wide tests (``test_every_model.py``, ``test_mm_leakage.py``,
+``test_layout.py``) without editing them."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from mllmrec.config import CONF_DIR
+
+MODEL_CONFS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def model_node(name: str):
+    return OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+
+
+def model_class(name: str):
+    from hydra.utils import get_class
+
+    return get_class(model_node(name)["_target_"])
+
+
+def small_overrides(name: str) -> list[str]:
+    """Overrides that shrink a model for a fast test: every embedding-size key it has set to 16."""
+    node = model_node(name)
+    return [f"model.{k}=16" for k in ("d", "feat_embed_dim", "embedding_dim") if k in node]
+
+
+def has_item_graph_refinement(name: str) -> bool:
+    """Does ``graph.refine=true`` change this model (its yaml interpolates ``refine: ${graph.refine}``)?"""
+    return "refine" in model_node(name)
