@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test bench bench-gpu gpu-check clean help install-llm test-llm
+.PHONY: install run test bench bench-gpu gpu-check clean help install-llm test-llm slurm-up slurm-down test-slurm
 
 help:
 	@echo "make install  create $(VENV) with everything the default run and the tests need"
@@ -22,6 +22,9 @@ help:
 	@echo "make gpu-check  CUDA tests (each CUDA path against the CPU one) + bench-gpu"
 	@echo "make install-llm  create $(LLM_VENV) with vLLM (CPU build) and the converted SmolLM2 test model"
 	@echo "make test-llm  the tests that run the real vLLM engine (installs first)"
+	@echo "make slurm-up  a one-node SLURM cluster on this machine (root; installs Debian's packages)"
+	@echo "make slurm-down  stop it (by pid)"
+	@echo "make test-slurm  the tests that submit to SLURM (skipped unless sinfo answers)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +39,17 @@ run: $(STAMP)
 	$(PY) -m mllmrec.train $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -m "not slurm" $(ARGS)
+
+# ---- a one-node SLURM cluster for hydra/launcher=slurm (docs/launchers.md) -----------------
+slurm-up:
+	scripts/slurm/up.sh
+
+slurm-down:
+	scripts/slurm/down.sh
+
+test-slurm: $(STAMP)
+	$(PY) -m pytest tests -m slurm $(ARGS)
 
 # folder holding baby/ sports/ clothing/ in MMRec format (../shared/datasets on the dev machines)
 DATA_ROOT ?= $(if $(MLLMREC_DATA_ROOT),$(MLLMREC_DATA_ROOT),../shared/datasets)

@@ -80,7 +80,12 @@ def test_slurm_preset_has_the_documented_keys(compose_cfg):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
                                            "hydra.launcher.mem_gb=64"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "hydra_plugins.mllmrec_slurm.mllmrec_slurm_launcher.MllmrecSlurmLauncher"
+    from hydra.utils import get_class
+
+    bases = [f"{c.__module__}.{c.__name__}" for c in get_class(launcher._target_).__mro__]
+    assert "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in bases  # plus mllmrec's check and wait
+    assert launcher.check_cluster and launcher.poll_s > 0 and launcher.signal_delay_s == 120
     assert launcher.partition == "gpu" and launcher.mem_gb == 64
     assert launcher.gpus_per_node == 1 and launcher.cpus_per_task == 8 and launcher.timeout_min == 120
     assert launcher.max_num_timeout > 0  # requeue on timeout; resume=auto continues the job dir

@@ -1,0 +1,39 @@
+"""Helpers for the SLURM tests (importable inside SLURM jobs: the tests put tests/ on PYTHONPATH)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytorch_lightning as pl
+
+
+class SlowEpochs(pl.Callback):
+    """Sleeps ``seconds`` after every training epoch: a job that needs longer than its time limit,
+    or that is still running when a test cancels it, without using the shared CPUs. With
+    ``only_k_c``, only the job whose ``k_c`` (pass ``${graph.k_c}``) equals it is slow; with
+    ``first_run_only``, a job that SLURM requeued (``SLURM_RESTART_COUNT`` > 0) is not."""
+
+    def __init__(self, seconds: float = 5.0, k_c: int | None = None, only_k_c: int | None = None,
+                 first_run_only: bool = False):
+        requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        slow = (only_k_c is None or k_c == only_k_c) and not (first_run_only and requeued)
+        self.seconds = float(seconds) if slow else 0.0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        time.sleep(self.seconds)
+
+
+class FakeLauncher:
+    """What :func:`mllmrec.slurm_launch.submit` reads of a Hydra launcher (``params``, ``config``),
+    for submitting from a test without Hydra; calling it (as a SLURM job) returns its arguments."""
+
+    def __init__(self, sweep_dir, **params):
+        from omegaconf import OmegaConf
+
+        self.config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}})
+        self.params = {"submitit_folder": f"{sweep_dir}/.submitit/%j", "max_num_timeout": 0, "timeout_min": 5,
+                       "cpus_per_task": 1, "mem_gb": 1, "gpus_per_node": 0, "name": "fake", **params}
+
+    def __call__(self, *args):
+        return args
