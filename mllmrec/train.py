@@ -83,6 +83,8 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
     if trainer.interrupted:
         raise SystemExit(130)
 
+    # before testing: restoring the best checkpoint also restores the callbacks' state of that epoch
+    stopped_early = any(getattr(c, "stopped_epoch", 0) > 0 for c in trainer.early_stopping_callbacks)
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     test = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)[0]
     epochs = int(trainer.current_epoch)
@@ -98,7 +100,7 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
         "resumed_from": resume_from,
         "config_fingerprint": fingerprint,
         "max_epochs": int(cfg.trainer.max_epochs) if cfg.trainer.get("max_epochs") is not None else -1,
-        "stopped_early": any(getattr(c, "stopped_epoch", 0) > 0 for c in trainer.early_stopping_callbacks),
+        "stopped_early": stopped_early,
         "dataset": cfg.dataset.name,
         "device": str(trainer.strategy.root_device),
         "artifacts": {name: str(a.path) for name, a in inputs.artifacts.items()},

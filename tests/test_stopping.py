@@ -143,6 +143,7 @@ def test_eval_valid_metric_drives_stopping_best_epoch_and_the_tested_checkpoint(
     metrics = train_mod._fit_and_test(cfg, types.SimpleNamespace(artifacts={}), OneBatch(), model, callbacks, [],
                                       tmp_path, "fp")
     assert model.val_epochs == list(range(3 + 21 + 1))  # stopped 21 epochs after ndcg's best, before recall's rise
+    assert metrics["stopped_early"] is True  # recorded before testing (restoring the best checkpoint resets it)
     assert metrics["best_epoch"] == 3 and metrics["val/ndcg@20"] == pytest.approx(0.6)
     assert metrics["test/ndcg@20"] == 3.0  # the weights trained in ndcg's best epoch
     assert {k for k in metrics if k.startswith("test/")} == {"test/recall@5", "test/recall@20", "test/ndcg@5",
