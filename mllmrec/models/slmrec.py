@@ -18,8 +18,8 @@ what the port changed (audio removed, ``+1e-8`` in the degree).
 Deviations from the port, and why:
 
 * One LightGCN pass on the column-concatenated views ``[[E_u, E_u, E_u], [E_i, V, T]]`` instead of
-  three passes (the same sums per column, three times fewer sparse products); the fused Linear is applied
-  to the batch's rows only in training. +1e-7 in the degree (the house ``bipartite_norm_adj``) for 1e-8.
+  three passes (the same sums per column; one sparse product per layer instead of three); the fusion Linear
+  is applied to the batch's rows only in training. +1e-7 in the degree (the house ``bipartite_norm_adj``) for 1e-8.
 * Evaluation scores the current weights (``representations()``); MMRec reuses the embeddings cached by
   the epoch's last training batch, i.e. the weights one Adam step before.
 * One modality (office: text only; the port fails without ``image_feat.npy``): fusion over
@@ -31,6 +31,9 @@ Deviations from the port, and why:
   order, so with the same torch seed the starting weights equal MMRec's (its parameter count includes
   them: 530,752 on office, 522,432 here).
 * ``graph.refine=true`` is refused (SLMRec has no item-item graph; it is not a Figure 3 model).
+
+Checked against MMRec's own code on office (seed 999): every starting weight equal, the loss of one
+2048-row batch 8.3997555 vs 8.3997564 and the gradients within 3e-8.
 """
 
 from __future__ import annotations
