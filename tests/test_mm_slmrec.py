@@ -201,9 +201,10 @@ def test_config_defaults_search_grid_and_refine_refused(compose_cfg):
     assert not has_item_graph_refinement("slmrec")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=search_slmrec"], return_hydra_config=True)
+    assert cfg.model._target_ == "mllmrec.models.slmrec.SLMRecModule"
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
     axes = {k: str(v).split(",") for k, v in params.items() if k not in ("graph.alpha", "graph.k_c")}
-    assert axes == {"model": ["slmrec"], "model.optimizer.lr": ["0.0001", "0.001", "0.01", "0.1"],
+    assert axes == {"model.optimizer.lr": ["0.0001", "0.001", "0.01", "0.1"],
                     "model.ssl_temp": ["0.1", "0.2", "0.5", "1.0"],
                     "model.ssl_alpha": ["0.01", "0.05", "0.1", "0.5", "1.0"]}
     assert len(list(itertools.product(*axes.values()))) == 80
