@@ -39,7 +39,8 @@ def _table_value(cell: pd.Series, metric: str, with_n: bool):
 
 MODEL_LABELS = {
     "mllmrec": "MLLMRec", "bpr": "BPR", "lightgcn": "LightGCN", "vbpr": "VBPR",
-    "lattice": "LATTICE", "freedom": "FREEDOM", "lgmrec": "LGMRec",
+    "lattice": "LATTICE", "freedom": "FREEDOM", "lgmrec": "LGMRec", "smore": "SMORE", "soil": "SOIL",
+    "gume": "GUME", "slmrec": "SLMRec",
 }
 
 
