@@ -266,3 +266,19 @@ def test_learns_planted_structure_with_two_modalities():
     model = SMOREModule(Inputs(data, modalities=mods), adam(lr=0.01), d=16, image_knn_k=5, text_knn_k=5)
     before, after = val_recall_before_after(model, data)
     assert after > before + 0.2, (before, after)
+
+
+def test_info_nce_over_distinct_rows_equals_the_in_batch_form():
+    from mllmrec.models.losses import in_batch_info_nce, info_nce_over_rows
+
+    g = torch.Generator().manual_seed(0)
+    a_table = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b_table = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    index = torch.tensor([3, 1, 3, 0, 5, 3, 1])
+    full = in_batch_info_nce(a_table[index], b_table[index], 0.2)
+    grads_full = torch.autograd.grad(full, (a_table, b_table))
+    fast = info_nce_over_rows(a_table, b_table, index, 0.2)
+    grads_fast = torch.autograd.grad(fast, (a_table, b_table))
+    torch.testing.assert_close(fast, full, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads_fast, grads_full):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)

@@ -35,7 +35,8 @@ Deviations (all without effect on the equations unless said):
   numbers); the kNN graphs are built at each run, sparse and chunked (official: a dense |I| x |I|
   cosine, cached by k only); a tie in a top-k goes to the smaller item id with the item itself first;
   the user-item degrees get +1e-7 (:func:`bipartite_norm_adj`; official: inf -> 0; relative 1e-7).
-* InfoNCE as a log-softmax (same value as the official exp / sum, no overflow).
+* InfoNCE as a log-sum-exp over the batch's distinct rows weighted by their multiplicities
+  (:func:`info_nce_over_rows`: the same value and gradient as the official exp / sum over all B rows).
 * Negatives come from the platform's sampler (every item; official: the items seen in training).
 """
 
@@ -53,7 +54,7 @@ from mllmrec.errors import ConfigError
 from mllmrec.models.base import Inputs, OptimizerFactory, RankingModule, with_lr_decay
 from mllmrec.models.knn_graphs import model_item_graph, refine_settings
 from mllmrec.models.layers import EdgeGraph, bipartite_norm_adj, lightgcn_layers, rows
-from mllmrec.models.losses import bpr_logsigmoid, in_batch_info_nce
+from mllmrec.models.losses import bpr_logsigmoid, info_nce_over_rows
 from mllmrec.models.modalities import require_modalities
 
 log = logging.getLogger(__name__)
@@ -174,8 +175,7 @@ class SMOREModule(RankingModule):
         u, p, n = rows(final, users), rows(final, pos), rows(final, neg)
         reg = 0.5 * (u.square().sum() + p.square().sum() + n.square().sum()) / int(self.hparams.batch_size)
         tau = float(self.hparams.tau)
-        cl = (in_batch_info_nce(rows(side, pos), rows(content, pos), tau)
-              + in_batch_info_nce(rows(side, users), rows(content, users), tau))
+        cl = info_nce_over_rows(side, content, pos, tau) + info_nce_over_rows(side, content, users, tau)
         return bpr_logsigmoid(u, p, n) + self.hparams.reg_weight * reg + self.hparams.cl_weight * cl
 
     def configure_optimizers(self):
