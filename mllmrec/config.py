@@ -17,13 +17,16 @@ _DIRNAME_MAP = str.maketrans({"/": ".", "\\": ".", ",": "+", ":": "-", "=": "-",
 _DIRNAME_KEEP = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+@%")
 
 
-def safe_dirname(text: str, limit: int = 150) -> str:
+def safe_dirname(text: str, limit: int = 200) -> str:
     """A job's overrides as ONE folder name that can be passed back as it is: no path separator, no
     ``=`` or ``,`` (Hydra's override grammar) and nothing a shell would expand; of bounded length.
     The overrides arrive as Hydra's ``override_dirname`` with ``kv_sep: "-"`` and ``item_sep: "__"``
     (``conf/hydra/default.yaml``): ``model-freedom__seed-1``; a list value ``[5,20]`` becomes ``5+20``."""
     text = "".join(c for c in str(text).translate(_DIRNAME_MAP) if c in _DIRNAME_KEEP)
-    return text[:limit] or "defaults"
+    if len(text) > limit:  # cut at an override boundary: a name never ends half-way through a value
+        cut = text[:limit].rfind("__")
+        text = text[:cut] if cut > 0 else text[:limit]
+    return text or "defaults"
 
 
 def seed_axis(seeds) -> str:

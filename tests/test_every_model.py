@@ -67,3 +67,11 @@ def test_job_dir_names_parse_back_as_one_override_value():
                     "prepare.meta-C:\\data\\m.json", "name-a b'c\"(d)"):
         path = f"outputs/multirun/office/2026-12-02_08-00-00-000001/0_{safe_dirname(dirname)}"
         assert parser.parse_overrides([f"run_dir={path}"])[0].value() == path
+
+
+def test_a_long_job_dir_name_is_cut_at_an_override_boundary():
+    from mllmrec.config import safe_dirname
+
+    overrides = "__".join(f"model.setting_{i}-{i * 1000}" for i in range(30))
+    name = safe_dirname(overrides)
+    assert len(name) <= 200 and overrides.startswith(name) and overrides[len(name):].startswith("__")
