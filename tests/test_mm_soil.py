@@ -234,13 +234,15 @@ def test_refine_replaces_the_knn_part_of_the_item_graph_only():
     np.testing.assert_array_equal(vanilla.r_graph.to_scipy().toarray(), refined.r_graph.to_scipy().toarray())
 
 
-def test_csr_graph_gradcheck():
+@pytest.mark.parametrize("shape", [(5, 4), (5, 5)])
+def test_csr_graph_gradcheck(shape):
     from mllmrec.models.layers import CSRGraph
 
     rng = np.random.default_rng(0)
-    matrix = sp.random(5, 4, density=0.5, random_state=1, dtype=np.float64)
+    matrix = sp.random(*shape, density=0.5, random_state=1, dtype=np.float64)
+    assert shape[0] != shape[1] or abs(matrix - matrix.T).max() > 0.1  # not symmetric
     graph = CSRGraph(matrix)
-    x = torch.from_numpy(rng.standard_normal((4, 3))).requires_grad_()
+    x = torch.from_numpy(rng.standard_normal((shape[1], 3))).requires_grad_()
     np.testing.assert_allclose(graph(x).detach().numpy(), matrix.toarray().astype(np.float32) @ x.detach().numpy(),
                                rtol=1e-6)
     assert torch.autograd.gradcheck(graph, (x,), eps=1e-6, atol=1e-5)
