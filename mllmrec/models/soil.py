@@ -31,7 +31,8 @@ candidates, no |I|x|I| or |U|x|U| matrix). Deviations, all where the official re
 * ties at the k-th second-order slot (a pair i, j inside H_u gives two exactly equal entries): the
   official ``torch.topk`` order decides (device-dependent); here the entry of the smaller history item
   wins, then the smaller column, i.e. the larger item of the pair gets the value. Row sums unchanged.
-  Other top-k ties (duplicate feature rows): smaller item id first.
+  Other top-k ties (duplicate feature rows; the two items of a 2-item history have equal column
+  sums): smaller item id first.
 * ``mm_r_norm=official`` reproduces the official normalisation of the U x I second-order block, whose
   column factor reads the USER-degree vector at ITEM ids; with more items than users that is an index
   error there and a one-line ConfigError here (``mm_r_norm=item_degrees``: item degrees, logged).
@@ -44,6 +45,7 @@ candidates, no |I|x|I| or |U|x|U| matrix). Deviations, all where the official re
   (unused in the official code) are not taken.
 * ``refine`` (``graph.refine=true``): the kNN term of each G_m is the paper's refined graph on the same
   candidates (:func:`mllmrec.models.knn_graphs.model_item_graph`); interest and second-order unchanged.
+* norm_adj / R_n: the house ``bipartite_norm_adj`` (+1e-7 in the degrees; SOIL's has none: 1e-7 relative).
 """
 
 from __future__ import annotations
