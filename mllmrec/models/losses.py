@@ -41,3 +41,17 @@ def in_batch_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, norm
         a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
     logits = (a / temperature) @ b.T  # the temperature on the B x d side, not on the B x B logits
     return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+def info_nce_over_rows(a_table: torch.Tensor, b_table: torch.Tensor, index: torch.Tensor, temperature: float) -> torch.Tensor:
+    """:func:`in_batch_info_nce` (cosine) of ``a_table[index]`` against ``b_table[index]``, computed on the
+    DISTINCT rows of ``index`` with their multiplicities c: a row repeated in the batch is the same term
+    repeated and the same negative repeated, so ``-mean_r log(exp(s_rr/t) / sum_j exp(s_rj/t))`` =
+    ``sum_x c_x (logsumexp_y (s_xy/t + log c_y) - s_xx/t) / len(index)``: the same value and gradient,
+    with (distinct / batch)^2 of the work."""
+    ids, counts = torch.unique(index, return_counts=True)
+    a = F.normalize(F.embedding(ids, a_table), dim=1) / temperature
+    b = F.normalize(F.embedding(ids, b_table), dim=1)
+    counts = counts.to(a.dtype)
+    per_row = torch.logsumexp(a @ b.T + counts.log(), dim=1) - (a * b).sum(1)
+    return (counts * per_row).sum() / index.shape[0]

@@ -63,7 +63,7 @@ from mllmrec.item_graph import knn_candidates
 from mllmrec.models.base import Inputs, OptimizerFactory, RankingModule, with_lr_decay
 from mllmrec.models.knn_graphs import model_item_graph, refine_settings
 from mllmrec.models.layers import CSRGraph, SymmetricGraph, bipartite_norm_adj, lightgcn_layers, rows
-from mllmrec.models.losses import bpr_logsigmoid, in_batch_info_nce
+from mllmrec.models.losses import bpr_logsigmoid, in_batch_info_nce, info_nce_over_rows
 from mllmrec.models.modalities import require_modalities
 
 log = logging.getLogger(__name__)
@@ -325,8 +325,8 @@ class SOILModule(RankingModule):
         final, side, content = (t.split([self.n_users, self.n_items]) for t in self.embed())
         u, p = rows(final[0], users), rows(final[1], pos)
         side_p, content_p = rows(side[1], pos), rows(content[1], pos)
-        cl = in_batch_info_nce(side_p, content_p, TAU) + in_batch_info_nce(
-            rows(side[0], users), rows(content[0], users), TAU)
+        # both sides on the same rows: over the distinct rows with multiplicities (same value, less work)
+        cl = info_nce_over_rows(side[1], content[1], pos, TAU) + info_nce_over_rows(side[0], content[0], users, TAU)
         cl2 = in_batch_info_nce(u, content_p, TAU) + in_batch_info_nce(u, side_p, TAU)
         bpr = bpr_logsigmoid(u, p, rows(final[1], neg))
         return bpr + self.hparams.cl_loss * cl + self.hparams.cl_loss2 * cl2
