@@ -30,3 +30,13 @@ def small_overrides(name: str) -> list[str]:
 def has_item_graph_refinement(name: str) -> bool:
     """Does ``graph.refine=true`` change this model (its yaml interpolates ``refine: ${graph.refine}``)?"""
     return "refine" in model_node(name)
+
+
+# What a model needs on the zoo tests' planted data (mm_planted.planted_data: 60 items > 48 users):
+# SOIL's official R normalisation reads user degrees at item ids and refuses more items than users
+# (its official form is tested for leakage in test_mm_soil.py on a planted set with more users).
+PLANTED_OVERRIDES = {"soil": ["model.mm_r_norm=item_degrees"]}
+
+
+def planted_overrides(name: str) -> list[str]:
+    return list(PLANTED_OVERRIDES.get(name, []))

@@ -16,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from mm_planted import planted_data
-from model_zoo import MODEL_CONFS, has_item_graph_refinement, model_class, small_overrides
+from model_zoo import MODEL_CONFS, has_item_graph_refinement, model_class, planted_overrides, small_overrides
 
 
 def heldout_moved(data):
@@ -51,9 +51,10 @@ def leakage_cases():
     for name in MODEL_CONFS:
         if model_class(name).needs == "features":  # MLLMRec: the reason stage's leakage tests (test_pipeline)
             continue
-        cases.append(pytest.param([f"model={name}", *small_overrides(name)], id=name))
+        base = [*small_overrides(name), *planted_overrides(name)]
+        cases.append(pytest.param([f"model={name}", *base], id=name))
         if has_item_graph_refinement(name):
-            cases.append(pytest.param([f"model={name}", "graph.refine=true", *small_overrides(name)], id=f"{name}-refined"))
+            cases.append(pytest.param([f"model={name}", "graph.refine=true", *base], id=f"{name}-refined"))
     return cases
 
 

@@ -117,3 +117,35 @@ def normalize_edges(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, 
     deg = torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add(0, rows, vals)
     inv = torch.where(deg > 0, deg.clamp_min(1e-12).rsqrt(), torch.zeros_like(deg))
     return inv[rows] * vals * inv[cols]
+
+
+class CSRGraph(nn.Module):
+    """A fixed sparse matrix A of any shape (not necessarily symmetric) applied as ``A @ x`` with
+    autograd (grad = A^T @ grad), on the CSR kernels of :class:`SymmetricGraph` (SciPy on CPU, torch
+    sparse CSR on CUDA); A^T is stored once. Faster than :class:`EdgeGraph` for a large fixed matrix."""
+
+    def __init__(self, matrix: sp.spmatrix):
+        super().__init__()
+        self.a = SymmetricGraph(matrix)
+        self.a_t = SymmetricGraph(sp.csr_matrix(matrix).T)
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _CSRMatmul.apply(x, self.a, self.a_t)
+
+    def to_scipy(self) -> sp.csr_matrix:
+        return self.a.csr.copy()
+
+
+class _CSRMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, a_t):
+        ctx.a_t = a_t
+        return a._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.a_t._matmul(grad), None, None

@@ -39,7 +39,7 @@ def in_batch_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, norm
     codes. Computed as a log-softmax (cross-entropy): the same value as exp-then-log, without overflow."""
     if normalize:
         a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
-    logits = a @ b.T / temperature
+    logits = (a / temperature) @ b.T  # the temperature on the B x d side, not on the B x B logits
     return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
 
 
