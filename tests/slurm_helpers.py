@@ -37,3 +37,26 @@ class FakeLauncher:
 
     def __call__(self, *args):
         return args
+
+
+class SlowFirstBuild:
+    """A Hydra callback (``+hydra.callbacks.slow_build._target_=slurm_helpers.SlowFirstBuild``):
+    in the job's process, the first artifact it builds takes ``seconds`` longer, inside the cache
+    lock. Two tasks started together then meet at that lock whatever their start-up jitter, so the
+    waiting path is exercised every time instead of when timing happens to allow it."""
+
+    def __init__(self, seconds: float = 8.0):
+        self.seconds = float(seconds)
+
+    def on_job_start(self, config=None, **kwargs) -> None:
+        from mllmrec.cache import store
+
+        original, seconds, done = store.ArtifactCache._build, self.seconds, []
+
+        def slow_build(cache, *args, **kw):
+            if not done:
+                done.append(True)
+                time.sleep(seconds)
+            return original(cache, *args, **kw)
+
+        store.ArtifactCache._build = slow_build

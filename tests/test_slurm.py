@@ -116,9 +116,12 @@ def cold_grids(tiny_dir, tmp_path_factory):
     allowed at once; 2 CPUs run 2 of them together)."""
     out = tmp_path_factory.mktemp("cold")
     axes = ("trainer.max_epochs=1", "graph.alpha=0.6,0.7", "graph.k_c=5,10")
+    # the first build of each task takes 8 s longer inside its lock: the two tasks that start
+    # together meet at that lock whatever their start-up jitter (a race the CI once lost)
+    meet = ("+hydra.callbacks.slow_build._target_=slurm_helpers.SlowFirstBuild", "+hydra.callbacks.slow_build.seconds=8")
     with pytest.MonkeyPatch.context() as mp:
         jobs_see_helpers(mp)
-        slurm = start(grid_args(tiny_dir, out / "slurm", *axes, "hydra.launcher.array_parallelism=4"), out)
+        slurm = start(grid_args(tiny_dir, out / "slurm", *axes, *meet, "hydra.launcher.array_parallelism=4"), out)
         basic = run_module("mllmrec.train", *grid_args(tiny_dir, out / "basic", *axes, launcher="basic"), cwd=out,
                            timeout=600)
         stdout, stderr = slurm.communicate(timeout=600)
