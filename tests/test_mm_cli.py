@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_module, tiny_overrides
+import yaml
+from conftest import REPO, run_module, tiny_overrides
+
+
+def sweep_models(experiment: str) -> list[str]:
+    """The ``model`` axis of conf/experiment/<experiment>.yaml, in its order."""
+    params = yaml.safe_load((REPO / "conf" / "experiment" / f"{experiment}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    return [m.strip() for m in params["model"].split(",")]
+
+
+def model_configs() -> dict[str, dict]:
+    return {p.stem: yaml.safe_load(p.read_text()) for p in sorted(Path(REPO / "conf" / "model").glob("*.yaml"))}
+
+
+def test_the_experiments_cover_every_model_and_every_item_graph_model():
+    """baselines: every conf/model/*.yaml (Table 1); plug_in: every model with a refinable item graph
+    (a ``refine`` setting, Figure 3). A new config must join them."""
+    configs = model_configs()
+    assert sorted(sweep_models("baselines")) == sorted(configs)
+    assert sweep_models("baselines")[0] == "mllmrec"
+    assert sorted(sweep_models("plug_in")) == sorted(m for m, c in configs.items() if "refine" in c)
 
 
 @pytest.mark.slow
@@ -43,7 +64,7 @@ def test_plug_in_experiment_writes_the_figure_3_chart(tiny_dir, tmp_path):
                                                        "logger=none", data_dir=tiny_dir, sweep=sweep), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pd.read_csv(sweep / "plug_in.csv")
-    assert list(table["model"]) == ["freedom", "lattice"]
+    assert list(table["model"]) == sweep_models("plug_in")
     assert (table["vanilla runs"] == 1).all() and (table["refined runs"] == 1).all()
     assert (sweep / "plug_in.png").stat().st_size > 1000
 
@@ -68,15 +89,18 @@ def test_plug_in_table_means_over_seeds_and_gain():
 def test_baselines_experiment_writes_table_one(tiny_dir, tmp_path):
     """experiment=baselines: one job per model at the configured alpha/K_c (not the grid), and
     models.md with a row per model."""
+    from mllmrec.sweep.tables import MODEL_LABELS
+
     sweep = tmp_path / "sweep"
     proc = run_module("mllmrec.train", *tiny_overrides(tmp_path, "experiment=baselines", "trainer.max_epochs=1",
                                                        "logger=none", data_dir=tiny_dir, sweep=sweep), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = pd.read_csv(sweep / "summary.csv")
-    assert sorted(summary["model"]) == sorted(["mllmrec", "bpr", "lightgcn", "vbpr", "lattice", "freedom", "lgmrec"])
+    models = sweep_models("baselines")
+    assert sorted(summary["model"]) == sorted(models)
     assert (summary["status"] == "completed").all()
     table = pd.read_csv(sweep / "models.csv")
-    assert table["model"].tolist() == ["MLLMRec", "BPR", "LightGCN", "VBPR", "LATTICE", "FREEDOM", "LGMRec"]
-    assert table["n"].tolist() == [1] * 7 and table["s/epoch"].gt(0).all()
+    assert table["model"].tolist() == [MODEL_LABELS[m] for m in models]
+    assert table["n"].tolist() == [1] * len(models) and table["s/epoch"].gt(0).all()
     rows = [ln for ln in (sweep / "models.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert len(rows) == 1 + 7
+    assert len(rows) == 1 + len(models)
