@@ -38,8 +38,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m mllmrec.train $(ARGS)
 
+# the suite without the SLURM tests (make test-slurm); e.g. make test MARK='not slurm and not slow'
+MARK ?= not slurm
 test: $(STAMP)
-	$(PY) -m pytest tests -m "not slurm" $(ARGS)
+	$(PY) -m pytest tests -m "$(MARK)" $(ARGS)
 
 # ---- a one-node SLURM cluster for hydra/launcher=slurm (docs/launchers.md) -----------------
 slurm-up:
