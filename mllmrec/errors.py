@@ -37,6 +37,10 @@ class ConfigError(MLLMRecError):
         super().__init__(f"config '{key}': {message}")
 
 
+class DivergedError(MLLMRecError):
+    """The model's scores are not finite (NaN or inf): training diverged or the model is broken."""
+
+
 def report_errors(fn):
     """Decorator for entry points: MLLMRecError -> one line on stderr and exit status 2."""
 

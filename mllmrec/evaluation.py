@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from mllmrec.errors import DivergedError
 from mllmrec.metrics import EvalSpec, evaluate_batch, masked_topk, pairs_of_rows
 
 
@@ -59,6 +60,14 @@ class RankingEvaluation:
     @torch.no_grad()
     def _cache_representations(self) -> None:
         h_u, h_i = self.representations()
+        for side, h in (("user", h_u), ("item", h_i)):
+            # ranking NaN scores still gives metrics in [0, 1]: refuse them instead (one reduction per pass)
+            if not bool(torch.isfinite(h).all()):
+                epoch = getattr(getattr(self, "_trainer", None), "current_epoch", None)
+                raise DivergedError(f"{type(self).__name__}: non-finite {side} representations"
+                                    f"{'' if epoch is None else f' at epoch {epoch}'} (NaN or inf; a diverged "
+                                    "training, e.g. a learning rate too high, or a broken model): its metrics "
+                                    "would be meaningless")
         self._eval_reprs = (h_u, h_i.T.contiguous())  # items x d -> d x items once: faster GEMMs
 
     @torch.no_grad()

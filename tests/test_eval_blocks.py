@@ -82,3 +82,15 @@ def test_blockwise_evaluation_equals_the_dense_reference(block):
     # never more than one block of scores: [<= block users, all items] per step
     assert shapes and all(r <= block and c == N_ITEMS for r, c in shapes)
     assert sum(r for r, _ in shapes) == len(users)
+
+
+@pytest.mark.parametrize("side, bad", [("user", float("nan")), ("item", float("inf"))])
+def test_non_finite_representations_are_refused_not_ranked(side, bad):
+    """Ranking NaN scores gives metrics in [0, 1] (topk orders NaN first): a diverged model must fail
+    loudly instead. One bad entry on either side is enough."""
+    from mllmrec.errors import DivergedError
+
+    h_u, h_i, train, held, users = case()
+    (h_u if side == "user" else h_i)[3, 5] = bad
+    with pytest.raises(DivergedError, match=f"non-finite {side} representations"):
+        blockwise(h_u, h_i, train, held, users, block=32)
