@@ -71,7 +71,7 @@ def enhancement_edges(graphs: list[sp.spmatrix]) -> sp.csr_matrix:
     """``P`` (I x I, 0/1): j != i is a neighbour of i in every graph (``find_inter``, any row length)."""
     pattern = None
     for g in graphs:
-        g = sp.csr_matrix(g, dtype=np.float32)
+        g = sp.csr_matrix(g, dtype=np.float32, copy=True)
         g.eliminate_zeros()
         g.data[:] = 1.0
         pattern = g if pattern is None else pattern.multiply(g).tocsr()
