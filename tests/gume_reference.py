@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-
-def build_sim(x):
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return xn @ xn.T
+from soil_reference import build_sim, info_nce, linear  # noqa: F401 - the same official helpers (MGCN family)
 
 
 def knn_normalized_graph(sim, k):
@@ -46,10 +42,6 @@ def get_adj_mat(R, inter):
     return norm, norm[:n_users, n_users:]
 
 
-def linear(p, x, name):
-    return x @ p[name + ".weight"].T + (p[name + ".bias"] if name + ".bias" in p else 0)
-
-
 def sigmoid(x):
     return 1 / (1 + np.exp(-x))
 
@@ -80,12 +72,10 @@ def forward(p, graphs, n_ui_layers=3, n_layers=2):
         xs[m] = np.concatenate([r @ h, h])
         ext[m] = conv_ui(adj, p[f"extended_{m}_user.weight"], h, n_ui_layers)
     if len(xs) == 2:
-        def coarse(x):
-            return linear(p, np.tanh(linear(p, x, "separate_coarse.0")), "separate_coarse.2")
-
-        s = np.concatenate([coarse(xs["image"]), coarse(xs["text"])], 1)
-        w = np.exp(s) / np.exp(s).sum(1, keepdims=True)
-        common = w[:, :1] * xs["image"] + w[:, 1:] * xs["text"]
+        # separate_coarse: Linear, Tanh, Linear (no bias); softmax over the two modalities' scores
+        s = [linear(p, np.tanh(linear(p, xs[m], "separate_coarse.0")), "separate_coarse.2") for m in ("image", "text")]
+        w_v = 1 / (1 + np.exp(s[1] - s[0]))  # the two-way softmax
+        common = w_v * xs["image"] + (1 - w_v) * xs["text"]
         fine_v = sigmoid(linear(p, ext_id, "image_behavior.0")) * (xs["image"] - common)
         fine_t = sigmoid(linear(p, ext_id, "text_behavior.0")) * (xs["text"] - common)
         integ = (fine_v + fine_t + common) / 3
@@ -93,17 +83,6 @@ def forward(p, graphs, n_ui_layers=3, n_layers=2):
         integ = next(iter(xs.values())) / 2  # the documented single-modality form
     out = {"final": ext_id + integ, "integ": integ, "ext_id": ext_id, "ext_it": np.mean(list(ext.values()), axis=0)}
     return {**out, **{f"x_{m}": x for m, x in xs.items()}}
-
-
-def info_nce(v1, v2, t):
-    """The official InfoNCE, written as a double loop over the batch."""
-    v1 = v1 / np.linalg.norm(v1, axis=1, keepdims=True)
-    v2 = v2 / np.linalg.norm(v2, axis=1, keepdims=True)
-    out = 0.0
-    for r in range(len(v1)):
-        ttl = sum(np.exp(v1[r] @ v2[c] / t) for c in range(len(v2)))
-        out += -np.log(np.exp(v1[r] @ v2[r] / t) / ttl)
-    return out / len(v1)
 
 
 def loss(views, n_users, batch, w, noise, batch_size=2048):

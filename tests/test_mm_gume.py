@@ -14,12 +14,12 @@ import scipy.sparse as sp
 import torch
 from mm_planted import planted_data, val_recall_before_after
 from model_inputs import inputs_of
+from test_mm_soil import hand_case as soil_hand_case
 
 from mllmrec.errors import ConfigError
 from mllmrec.models import gume
 from mllmrec.models.base import Inputs, adam
 
-HISTORIES = [[0, 1], [1, 2], [3], [0, 3], [2], [1, 4], []]  # 7 users (one without history), 5 items
 KNN_K = 3
 WEIGHTS = {"bm_loss": 0.3, "bm_temp": 0.4, "um_loss": 0.7, "um_temp": 0.3, "vt_loss": 0.5,
            "reg_weight_1": 0.2, "reg_weight_2": 0.6}
@@ -27,15 +27,13 @@ BATCH = (np.array([0, 1, 3, 3, 5]), np.array([1, 2, 0, 3, 4]), np.array([4, 3, 2
 
 
 def hand_case():
-    """Two modalities whose top-3 lists differ (the enhancement edges are a strict, asymmetric subset
-    of either graph), a signed text modality (negative cosines in the kNN weights); no top-k tie."""
-    angles, norms = np.deg2rad([0, 20, 45, 200, 260]), np.array([1, 2, 0.5, 1.5, 3])
-    text = np.stack([np.cos(angles), np.sin(angles)], 1) * norms[:, None]
-    image = np.array([[1, 0, 0], [1, 1, 0], [0.8, 1, 0.2], [0.1, 0.3, 1], [0.5, 0.2, 0.9]])
-    train = np.zeros((len(HISTORIES), 5))
-    for u, items in enumerate(HISTORIES):
-        train[u, items] = 1
-    return train, {"image": image, "text": text}
+    """SOIL's case (two modalities at chosen angles, signed text cosines) with user 5 also on item 4 and a
+    seventh user without history: the top-3 lists differ between the modalities (the enhancement edges
+    are a strict, asymmetric subset of either graph); no top-k tie."""
+    train, feats = soil_hand_case()
+    train = np.vstack([train, np.zeros((1, 5))])
+    train[5, 4] = 1
+    return train, feats
 
 
 def build(train, feats, **kw):
