@@ -204,3 +204,29 @@ def test_learns_planted_structure(signal, gain):
     model = gume.GUMEModule(Inputs(data, modalities=mods), adam(lr=0.01), d=16)
     before, after = val_recall_before_after(model, data)
     assert after >= before + gain and after > 0.95, (before, after)
+
+
+def test_config_defaults_and_the_official_single_cell_search(compose_cfg):
+    """conf/model/gume.yaml = GUME.yaml's active (baby) block + overall.yaml; experiment=search_gume is the
+    official hyper_parameters ["seed"] with seed [999]: one cell."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mllmrec.config import CONF_DIR
+    from mllmrec.pipeline import build_model
+
+    data, mods = planted_data(modalities=("text", "image"))
+    model = build_model(compose_cfg("model=gume"), Inputs(data, modalities=mods))
+    opt = model.configure_optimizers()
+    group = opt["optimizer"].param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (0.001, 0.0)
+    assert opt["lr_scheduler"].lr_lambdas[0](50) == pytest.approx(0.96)
+    hp = {k: v for k, v in model.hparams.items() if k not in ("alpha", "k_c", "denoise", "enhance")}
+    assert hp == {"d": 64, "n_ui_layers": 3, "n_layers": 2, "knn_k": 10, "bm_loss": 0.01, "bm_temp": 0.4,
+                  "um_loss": 0.01, "um_temp": 0.1, "vt_loss": 0.1, "reg_weight_1": 1e-5, "reg_weight_2": 0.1,
+                  "batch_size": 2048, "lr_decay": 0.96, "lr_decay_epochs": 50, "refine": False}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=search_gume"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)
+    axes = {k: str(v).split(",") for k, v in params.items() if k not in ("graph.alpha", "graph.k_c")}
+    assert axes == {"model": ["gume"], "seed": ["999"]}
