@@ -33,9 +33,11 @@ perturbation is drawn for the batch's distinct users, not the whole user table (
 Deviations, all where the official result is undefined or the official code cannot run:
 
 * the neighbour sets are the graphs' rows of any length (``find_inter`` reads exactly 10 entries per
-  row: it breaks for ``knn_k != 10`` and for a refined graph); an edge of weight exactly 0 (cosine 0)
-  is not a neighbour here. Top-k ties (equal cosines): :func:`mllmrec.item_graph.knn_candidates`'s order.
-* a negative degree (signed cosines summing below 0 over a row) gives NaN there, the factor 0 here.
+  row: it breaks for ``knn_k != 10`` and for a refined graph); an edge whose normalised weight is 0
+  (cosine exactly 0) is not a neighbour here. Top-k ties (equal cosines): the order of
+  :func:`mllmrec.item_graph.knn_candidates` (torch.topk's there).
+* a non-positive degree (signed cosines summing to <= 0 over a row) gives inf/NaN weights there, the factor
+  0 here (:func:`mllmrec.item_graph.sym_normalize`), so that item's edges are no neighbours either.
 * one modality (office, text only; the official code needs both): P is the modality's own neighbours,
   no fuser and no vt term, ``integ = x_m / 2`` (``(fine_m + coarse) / (M + 1)`` with M = 1, where
   ``coarse = x_m`` makes ``fine_m = 0``), ``ext_it = ext_m``; logged.
