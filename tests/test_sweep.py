@@ -123,3 +123,31 @@ def test_a_failed_job_is_marked_and_the_others_stand(tiny_dir, tmp_path):
     ok = df[df["status"] == "completed"].iloc[0]
     assert 0 <= ok["test/recall@20"] <= 1
     assert "1 of 2 jobs failed" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_summary_written_again_from_split_sweeps_equals_the_multiruns(grid, tmp_path):
+    """python -m mllmrec.sweep: the 8 jobs split over two sweep dirs (as when a model's seeds run
+    after the others) and joined with --into give the multirun's own summary_by_cell.csv; one dir
+    alone is summarised in place; a missing --into or an existing folder is a one-line error."""
+    import shutil
+
+    from mllmrec.sweep.__main__ import main
+
+    out, _ = grid
+    jobs = sorted((p for p in (out / "sweep").iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    halves = [tmp_path / "a", tmp_path / "b"]
+    for half, part in zip(halves, (jobs[:4], jobs[4:])):
+        for job in part:
+            shutil.copytree(job, half / job.name)
+    main([str(h) for h in halves] + ["--into", str(tmp_path / "joined")])
+    want = pd.read_csv(out / "sweep" / "summary_by_cell.csv")
+    got = pd.read_csv(tmp_path / "joined" / "summary_by_cell.csv")
+    pd.testing.assert_frame_equal(got, want)
+    assert len(list((tmp_path / "joined").glob("*/metrics.json"))) == 8
+    main([str(halves[1])])  # one dir: in place, its four jobs
+    assert len(pd.read_csv(halves[1] / "summary.csv")) == 4
+    for argv in ([str(h) for h in halves], [str(halves[0]), "--into", str(tmp_path / "joined")]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
