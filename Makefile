@@ -19,7 +19,7 @@ help:
 	@echo "make test     run the test suite"
 	@echo "make bench    speed/memory benchmarks vs the official algorithm (DATA_ROOT=$(DATA_ROOT))"
 	@echo "make bench-gpu  the same on CUDA"
-	@echo "make gpu-check  CUDA tests (each CUDA path against the CPU one) + bench-gpu"
+	@echo "make gpu-check  CUDA tests + bench-gpu + the sports grid + the zoo on GPU (scripts/gpu_check.sh)"
 	@echo "make install-llm  create $(LLM_VENV) with vLLM (CPU build) and the converted SmolLM2 test model"
 	@echo "make test-llm  the tests that run the real vLLM engine (installs first)"
 	@echo "make slurm-up  a one-node SLURM cluster on this machine (root; installs Debian's packages)"
@@ -62,9 +62,10 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) device=cuda $(ARGS)
 
+# the CUDA tests, bench-gpu with a profile of the step, the 16-cell sports grid, the eleven models' epochs
+# on office: scripts/gpu_check.sh (sections, time limits, outputs/gpu_check/<time>/summary.txt)
 gpu-check: $(STAMP)
-	$(PY) -m pytest tests/test_cuda.py
-	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) device=cuda $(ARGS)
+	PY=$(PY) DATA_ROOT=$(DATA_ROOT) scripts/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -14,9 +14,96 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from conftest import run_module, tiny_overrides
+from model_zoo import MODEL_CONFS, model_class, planted_overrides, small_overrides
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# ---- every model of the zoo: its CUDA forward and backward against its CPU ones --------------------
+def built_pair(compose_cfg, name: str, device: str):
+    """The model ``name`` built twice from the same seed on a planted two-modality case: one left on the
+    CPU, one copied to ``device`` (as Lightning moves it); and the data."""
+    from mm_planted import planted_data
+
+    from mllmrec.models.base import Inputs
+    from mllmrec.pipeline import build_model
+
+    data, mods = planted_data(modalities=("text", "image"))
+    if model_class(name).needs == "features":
+        users = np.random.default_rng(5).standard_normal((data.n_users, 16)).astype(np.float32)
+        inputs = lambda: Inputs(data, user_features=users, item_features=mods["text"])  # noqa: E731
+    else:
+        inputs = lambda: Inputs(data, modalities=mods)  # noqa: E731
+    cfg = compose_cfg(f"model={name}", *small_overrides(name), *planted_overrides(name))
+    torch.manual_seed(0)
+    cpu = build_model(cfg, inputs())
+    torch.manual_seed(0)
+    dev = build_model(cfg, inputs())
+    dev.load_state_dict(cpu.state_dict())
+    return cpu, dev.to(device), data
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
+    """||got - want|| <= rel * ||want|| (+ a floor for all-zero tensors): float32 on two devices."""
+    got, want = got.detach().cpu().double(), want.detach().cpu().double()
+    err, scale = float((got - want).norm()), float(want.norm())
+    assert err <= rel * scale + 1e-7, f"{what}: |diff| {err:.3g} vs |cpu| {scale:.3g}"
+
+
+def compare_model_on(compose_cfg, name: str, device: str) -> bool:
+    """Evaluation representations, a BPR loss through them and every parameter's gradient, on ``device``
+    against the CPU; and, where the model's training loss draws no random numbers (the same loss under two
+    seeds), the training loss ``batch_loss`` and its gradients too."""
+    cpu, dev, data = built_pair(compose_cfg, name, device)
+    gen = torch.Generator().manual_seed(11)
+    users = torch.randint(data.n_users, (64,), generator=gen)
+    pos, neg = torch.randint(data.n_items, (64,), generator=gen), torch.randint(data.n_items, (64,), generator=gen)
+    on = {id(cpu): "cpu", id(dev): device}
+
+    def through_representations(model):
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        h_u, h_i = model.representations()
+        b = [t.to(on[id(model)]) for t in (users, pos, neg)]
+        loss = -F.logsigmoid((h_u[b[0]] * (h_i[b[1]] - h_i[b[2]])).sum(1)).mean()
+        if loss.requires_grad:
+            loss.backward()
+        return h_u, h_i, loss
+
+    ref, got = through_representations(cpu), through_representations(dev)
+    for what, a, b in zip(("user representations", "item representations", "loss"), got, ref):
+        assert a.device.type == device.split(":")[0]
+        assert_close_rel(a, b, 1e-4, f"{name} {what}")
+    assert ref[2].requires_grad, f"{name}: no parameter reaches the representations"
+    pairs = list(zip(cpu.named_parameters(), dev.parameters()))
+    for (pname, p_cpu), p_dev in pairs:
+        assert (p_cpu.grad is None) == (p_dev.grad is None), f"{name} {pname}: gradient on one device only"
+        if p_cpu.grad is not None:
+            assert_close_rel(p_dev.grad, p_cpu.grad, 1e-3, f"{name} {pname} gradient")
+
+    def train_loss(model, seed):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        loss = model.batch_loss(*(t.to(on[id(model)]) for t in (users, pos, neg)))
+        loss.backward()
+        return loss
+
+    if float(train_loss(cpu, 1).detach()) != float(train_loss(cpu, 2).detach()):
+        return False  # the training loss draws random numbers (dropout, noise, sampled edges): devices differ
+    ref, got = train_loss(cpu, 1), train_loss(dev, 1)
+    assert_close_rel(got, ref, 1e-4, f"{name} batch_loss")
+    for (pname, p_cpu), p_dev in pairs:
+        if p_cpu.grad is not None:
+            assert_close_rel(p_dev.grad, p_cpu.grad, 1e-3, f"{name} {pname} batch_loss gradient")
+    return True
+
+
+@pytest.mark.parametrize("name", MODEL_CONFS)
+def test_every_model_on_cuda_matches_its_cpu_forward_and_backward(compose_cfg, name):
+    compare_model_on(compose_cfg, name, "cuda")
 
 
 def test_knn_candidates_cuda_matches_numpy():
@@ -161,6 +248,10 @@ def test_captured_step_matches_the_eager_static_step_and_the_normal_step():
         opts["normal"].step()
         assert losses["captured"] == pytest.approx(losses["eager"], rel=1e-5)
         assert losses["captured"] == pytest.approx(float(ref), rel=1e-4)
+        # the step's gradients (the captured ones live in the graph's static .grad tensors)
+        for (name, p), p_eager in zip(models["captured"].named_parameters(), models["eager"].parameters()):
+            if name != "item_tower.fc2.bias":  # zero-gradient direction: rounding noise only
+                torch.testing.assert_close(p.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert steps["captured"].graph is not None and steps["eager"].graph is None
     for name, p in models["captured"].named_parameters():
         if name == "item_tower.fc2.bias":  # zero-gradient direction: rounding noise only (see test_static_step)
@@ -177,6 +268,11 @@ def test_captured_step_inside_lightning_trains_like_the_normal_step_and_resumes(
     graphed, t_graphed = fit(tiny_data, tmp_path / "graphed", True, 3, accelerator="gpu")
     assert graphed._static is not None and graphed._static.graph is not None  # 12 steps: captured at step 4
     assert t_graphed.global_step == t_normal.global_step == 12
+    # then the same validation metrics, epoch by epoch's best
+    assert graphed.best["epoch"] == normal.best["epoch"]
+    for key, value in normal.best.items():
+        if key != "epoch":
+            assert graphed.best[key] == pytest.approx(value, abs=1e-6), key
     for (name, p_ref), (_, p) in zip(normal.named_parameters(), graphed.named_parameters()):
         if name != "item_tower.fc2.bias":
             torch.testing.assert_close(p, p_ref, rtol=1e-3, atol=1e-4, msg=name)

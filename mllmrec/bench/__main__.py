@@ -44,8 +44,9 @@ def run_section(section: Section, ds: str, cfg, root: Path, out: dict, pieces: d
     """Run the section's steps that apply to ``ds``: each result goes to ``pieces``, its keys and
     errors to ``out``."""
     results = Results(ds=ds)
+    only = cfg.get("steps")  # a list of step names: run those alone (e.g. steps=[grid_graphed])
     for step in section.steps:
-        if not step.when(cfg, ds):
+        if not step.when(cfg, ds) or (only is not None and step.name not in only):
             continue
         result = run_piece(step.piece, timeout=step.timeout, data_root=str(root), dataset=ds, **step.inputs(cfg, ds))
         key = f"{step.piece}.{ds}"

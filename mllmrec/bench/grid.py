@@ -36,8 +36,10 @@ def _last_error(proc: subprocess.CompletedProcess) -> str:
     return next((ln for ln in lines if ln.startswith("error")), lines[-1] if lines else "?")
 
 
-def piece_grid(data_root, dataset, device="cuda", n_jobs=4, cuda_graphs="false", timeout=3600, extra=(), **_):
-    """Wall seconds of the 16-cell grid, sequential and with ``n_jobs`` joblib jobs, on one stage cache."""
+def piece_grid(data_root, dataset, device="cuda", n_jobs=4, cuda_graphs="false", timeout=3600, extra=(),
+               launchers=("sequential", "parallel"), **_):
+    """Wall seconds of the 16-cell grid, sequential and/or with ``n_jobs`` joblib jobs (``launchers``), on
+    one stage cache."""
     import pandas as pd
 
     work = Path(tempfile.mkdtemp(prefix=f"mllmrec-grid-{dataset}-"))
@@ -49,7 +51,9 @@ def piece_grid(data_root, dataset, device="cuda", n_jobs=4, cuda_graphs="false",
         if proc.returncode != 0:
             raise RuntimeError(f"stages.graph failed: {_last_error(proc)}")
         out = {"stage_cache_seconds": stage_s}
-        for label, launcher in (("sequential", []), (f"joblib{n_jobs}", ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}"])):
+        runs = {"sequential": ("sequential", []),
+                "parallel": (f"joblib{n_jobs}", ["hydra/launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}"])}
+        for label, launcher in (runs[name] for name in launchers):
             sweep = work / label
             seconds, proc = _cli("mllmrec.train", [*common, f"model.cuda_graphs={cuda_graphs}", f"hydra.sweep.dir={sweep}",
                                                    *extra, *launcher, "-m"], timeout)

@@ -126,9 +126,22 @@ def graphed_note(r: Results) -> str:
     return f"baseline: cuda_graphs=false; = {ratio} the GEMM floor ({floor_s if floor_s is None else round(floor_s, 4)} s)"
 
 
+def profile_note(r: Results) -> str:
+    p = r["profile"]
+    if not p:
+        return ""
+    e, c = p["eager"], p["captured"]
+    return (f"eager {e['ms_per_step']:.2f} ms/step ({e['kernel_launches_per_step']:.0f} launches, GPU busy "
+            f"{e['gpu_busy_ms_per_step']:.2f} ms); captured {c['ms_per_step']:.2f} ms/step "
+            f"({c['kernel_launches_per_step']:.0f} launches + {c['graph_launches_per_step']:.0f} graph, "
+            f"GPU busy {c['gpu_busy_ms_per_step']:.2f} ms); {p['steps_per_epoch']} steps/epoch")
+
+
 def grid_step(name: str, graphs: str) -> Step:
     """The 16-cell sports grid (``grid=true`` on CUDA), with the captured step or without."""
-    return Step(name, "grid", lambda cfg, ds: {"device": "cuda", "cuda_graphs": graphs}, {},
+    return Step(name, "grid", lambda cfg, ds: {"device": "cuda", "cuda_graphs": graphs,
+                                               "launchers": list(cfg.get("grid_launchers") or ["sequential", "parallel"])},
+                {f"grid.{{ds}}.cuda_graphs_{graphs}": lambda r: dict(r[name]) or None},
                 when=lambda cfg, ds: on_cuda(cfg, ds) and bool(cfg.get("grid", False)) and ds == "sports",
                 timeout=3000)
 
@@ -158,6 +171,8 @@ TRAIN = Section(
              when=on_cuda),
         grid_step("grid_plain", "false"),
         grid_step("grid_graphed", "true"),
+        Step("profile", "profile_step", on_device, {"train.{ds}.profile": lambda r: r["profile"] or None},
+             when=lambda cfg, ds: on_cuda(cfg, ds) and ds == "sports", timeout=900),
     ),
     rows=(
         Row("epoch (train+val), {ds}", ("train_ours", "epoch_seconds"), ("train_official", "epoch_seconds"),
@@ -168,6 +183,7 @@ TRAIN = Section(
             ("train_ours", "epoch_seconds"), note=graphed_note),
         grid_row("grid_plain", "false"),
         grid_row("grid_graphed", "true"),
+        Row("one training step (profiled), {ds}, captured", ("profile", "seconds"), memory=False, note=profile_note),
     ),
 )
 
