@@ -301,7 +301,8 @@ def test_joblib_jobs_take_their_gpu_by_job_number(tiny_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     n_gpus = torch.cuda.device_count()
     proc = run_module("mllmrec.train", *tiny_overrides(
-        tmp_path, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "graph.alpha=0.6", "graph.k_c=5,10",
+        tmp_path, "encoder.model=random", "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "graph.alpha=0.6",
+        "graph.k_c=5,10",
         "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", f"launcher.gpus_per_node={n_gpus}",
         data_dir=tiny_dir, sweep=tmp_path / "sweep"), cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
