@@ -325,7 +325,11 @@ def _profiled(step, n_steps: int, top: int, device: str) -> dict:
     graph_launches = sum(e.count for e in events if e.key in ("cudaGraphLaunch", "cuGraphLaunch"))
     if not cuda:  # a dry run on CPU: the top operators by their own CPU time
         device_us = lambda e: float(e.self_cpu_time_total)  # noqa: E731
-    kernels = sorted((e for e in events if device_us(e) > 0 and not e.key.startswith("cuda")), key=device_us,
+    def on_device(e) -> bool:  # a kernel or copy (device-side event), not a CPU op that launched it
+        kind = getattr(e, "device_type", None)
+        return (str(kind).endswith("CUDA") if kind is not None else not e.key.startswith(("aten::", "cuda", "Optimizer")))
+
+    kernels = sorted((e for e in events if device_us(e) > 0 and (not cuda or on_device(e))), key=device_us,
                      reverse=True)
     gpu_ms = sum(device_us(e) for e in kernels) / 1000.0
     return {"ms_per_step": 1000.0 * seconds / n_steps, "gpu_busy_ms_per_step": gpu_ms / n_steps,
