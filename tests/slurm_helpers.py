@@ -60,3 +60,28 @@ class SlowFirstBuild:
             return original(cache, *args, **kw)
 
         store.ArtifactCache._build = slow_build
+
+
+class SlowChunks:
+    """A Hydra callback (``+hydra.callbacks.slow_chunks._target_=slurm_helpers.SlowChunks``): in
+    the job whose ``llm.shard`` is ``shard``, and only in its first run (``SLURM_RESTART_COUNT``
+    0), every chunk of answers saved is followed by ``seconds`` of sleep: a shard that reaches its
+    time limit mid-generation whatever the machine's speed. Its requeued run is not slowed."""
+
+    def __init__(self, seconds: float = 30.0, shard: int = 0):
+        self.seconds = float(seconds)
+        self.shard = int(shard)
+
+    def on_job_start(self, config=None, **kwargs) -> None:
+        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 or config.llm.get("shard") != self.shard:
+            return
+        from mllmrec.llm import runner
+
+        original, seconds = runner.WorkStore.save, self.seconds
+
+        def slow_save(store, *args, **kw):
+            out = original(store, *args, **kw)
+            time.sleep(seconds)
+            return out
+
+        runner.WorkStore.save = slow_save
