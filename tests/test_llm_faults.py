@@ -89,6 +89,10 @@ class SignalMidChunk(FakeLLM):
     """A fake engine that sends SIGUSR2 to its own process while it answers its first chunk
     (SLURM's warning before the time limit arrives during generation)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        SignalMidChunk.blocked_at_load = signal.SIGUSR2 in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
     def chat(self, messages, params, use_tqdm=False):
         if not getattr(SignalMidChunk, "sent", False):
             SignalMidChunk.sent = True
@@ -119,6 +123,8 @@ def test_sigusr2_mid_chunk_is_held_until_the_chunk_is_saved_then_the_resume_send
         with pytest.raises(SystemExit):
             reason.run(cfg.reason, llm_settings(cfg), tiny_data, cache)
         assert calls == [1]  # handed over once, after the chunk in flight was saved
+        # the engine (and the processes it starts) was made with SIGUSR2 blocked; this process unblocked it after
+        assert SignalMidChunk.blocked_at_load and signal.SIGUSR2 not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
         assert signal.getsignal(signal.SIGUSR2) is job_handler  # the job's handler is back
         first = sent_prompts(FakeLLM.instances)
         assert len(first) == 6

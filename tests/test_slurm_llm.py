@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_module, tiny_overrides
-from test_slurm import FITS, _sinfo_answers, jobs_see_helpers, slurm_id, squeue
+from test_slurm import _sinfo_answers, jobs_see_helpers, slurm_id, squeue
 
 try:  # the jobs run this Python: it must have vLLM (make test-slurm runs this file in .venv-llm)
     import vllm  # noqa: F401
@@ -37,6 +37,9 @@ from mllmrec.llm import convert  # noqa: E402
 pytestmark = [pytest.mark.slurm, pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(not _sinfo_answers(), reason="no SLURM cluster answers sinfo (make slurm-up)")]
 
+# a job that fits the one-node cluster: 1 CPU, 4 GB (the engine: ~1.5 GB of model and KV cache), no GPU
+FITS = ("hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4",
+        "hydra.launcher.poll_s=1", "hydra.launcher.end_grace_s=2")
 LIMIT = 12  # users; 6 per shard
 # time limit 3 min, SIGUSR2 75 s before it (SLURM checks limits every ~30 s: it comes 105-135 s in);
 # shard 0 sleeps 30 s after each saved chunk of 1 answer in its first run, so it cannot finish

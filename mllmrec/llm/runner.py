@@ -16,6 +16,7 @@ whose inputs changed only in part reuse the answers it holds); deleting it is al
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -331,6 +332,20 @@ class HeldSignal:
                 signal.signal(self.SIGNAL, self._hold)
         return self
 
+    @contextlib.contextmanager
+    def shielding_children(self):
+        """Processes started in here (vLLM's engine core and workers) inherit SIGUSR2 blocked: SLURM
+        signals every process of the job, and theirs would die of it (its default action) in the
+        middle of a chunk. This process gets a signal that came meanwhile once it is unblocked."""
+        if self.original is None or not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, {self.SIGNAL})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {self.SIGNAL})
+
     def _hold(self, signum, frame) -> None:
         if self.received is None:
             self.received = time.time()
@@ -364,7 +379,8 @@ def _answer(stage, store: WorkStore, saved: dict, pending: Sequence[Request], ba
     progress = _Progress(stage, selection, total, chunk, source)
     progress.update(saved=done, state="loading the engine")
     with HeldSignal() as held:
-        backend = backend_factory()
+        with held.shielding_children():
+            backend = backend_factory()
         try:
             with tqdm(total=total, initial=done, unit="rows", desc=desc or stage, smoothing=0.1) as bar:
                 t0 = time.perf_counter()
