@@ -65,10 +65,11 @@ class SlowFirstBuild:
 class SlowChunks:
     """A Hydra callback (``+hydra.callbacks.slow_chunks._target_=slurm_helpers.SlowChunks``): in
     the job whose ``llm.shard`` is ``shard``, and only in its first run (``SLURM_RESTART_COUNT``
-    0), every chunk of answers saved is followed by ``seconds`` of sleep: a shard that reaches its
-    time limit mid-generation whatever the machine's speed. Its requeued run is not slowed."""
+    0), every chunk of answers saved is followed by a wait of up to ``seconds`` that ends when
+    SLURM's SIGUSR2 (the time limit near) has come: a shard that reaches its time limit
+    mid-generation whatever the machine's speed. Its requeued runs are not slowed."""
 
-    def __init__(self, seconds: float = 30.0, shard: int = 0):
+    def __init__(self, seconds: float = 600.0, shard: int = 0):
         self.seconds = float(seconds)
         self.shard = int(shard)
 
@@ -81,7 +82,12 @@ class SlowChunks:
 
         def slow_save(store, *args, **kw):
             out = original(store, *args, **kw)
-            time.sleep(seconds)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                held = runner.HeldSignal.active
+                if held is not None and held.received is not None:
+                    break
+                time.sleep(1.0)
             return out
 
         runner.WorkStore.save = slow_save

@@ -319,12 +319,14 @@ class HeldSignal:
     signal (``hydra.launcher.signal_delay_s``) is lost with the job, and the launcher names it."""
 
     SIGNAL = getattr(signal, "SIGUSR2", None)
+    active: "HeldSignal | None" = None  # the one holding the signal now (tests wait on it)
 
     def __init__(self):
         self.original = None
         self.received: float | None = None
 
     def __enter__(self) -> "HeldSignal":
+        HeldSignal.active = self
         if self.SIGNAL is not None and threading.current_thread() is threading.main_thread():
             current = signal.getsignal(self.SIGNAL)
             if callable(current):
@@ -360,6 +362,7 @@ class HeldSignal:
         original(self.SIGNAL, None)
 
     def __exit__(self, *exc) -> bool:
+        HeldSignal.active = None
         if self.original is not None:
             signal.signal(self.SIGNAL, self.original)
             self.original = None
