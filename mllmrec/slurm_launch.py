@@ -232,7 +232,10 @@ def llm_left(folder: Path) -> str:
             continue
         who = f"{p.get('stage')} shard {p['shard']} of {p['num_shards']}" if p.get("shard") is not None else p.get("stage")
         text = f"; {who}: {saved} of {total} answers saved, {total - saved} remain"
-        if p.get("state") == "generating" and p.get("chunk_started_at"):
+        if p.get("state") == "loading the engine":
+            text += (" (it ended while the engine was loading: the time limit leaves too little for the engine and one "
+                     "chunk; raise hydra.launcher.timeout_min)")
+        elif p.get("state") == "generating" and p.get("chunk_started_at"):
             started = time.strftime("%H:%M:%S", time.localtime(float(p["chunk_started_at"])))
             text += (f" (a chunk of {p.get('chunk_requests')} requests started at {started} was never saved: if the "
                      f"time limit is too short for one chunk, lower llm.chunk_size={p.get('chunk_size')} or raise "

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytorch_lightning as pl
+from hydra.experimental.callback import Callback
 
 
 class SlowEpochs(pl.Callback):
@@ -62,7 +63,7 @@ class SlowFirstBuild:
         store.ArtifactCache._build = slow_build
 
 
-class SlowChunks:
+class SlowChunks(Callback):
     """A Hydra callback (``+hydra.callbacks.slow_chunks._target_=slurm_helpers.SlowChunks``): in
     the job whose ``llm.shard`` is ``shard``, and only in its first run (``SLURM_RESTART_COUNT``
     0), every chunk of answers saved is followed by a wait of up to ``seconds`` that ends when

@@ -184,3 +184,6 @@ def test_a_chunk_the_time_limit_cut_is_named_with_what_remains(tmp_path, monkeyp
     progress["saved"] = 8
     (tmp_path / "llm-reason-progress.json").write_text(json.dumps(progress))
     assert slurm_launch.llm_left(tmp_path) == ""  # a shard with everything saved leaves nothing to name
+    progress.update(saved=2, state="loading the engine")
+    (tmp_path / "llm-reason-progress.json").write_text(json.dumps(progress))
+    assert "ended while the engine was loading" in slurm_launch.llm_left(tmp_path)
