@@ -50,8 +50,7 @@ slurm-up:
 slurm-down:
 	scripts/slurm/down.sh
 
-test-slurm: $(STAMP)
-	$(PY) -m pytest tests -m slurm $(ARGS)
+# test-slurm: below, with the LLM venv it also uses
 
 # folder holding baby/ sports/ clothing/ in MMRec format (../shared/datasets on the dev machines)
 DATA_ROOT ?= $(if $(MLLMREC_DATA_ROOT),$(MLLMREC_DATA_ROOT),../shared/datasets)
@@ -97,4 +96,10 @@ $(LLM_STAMP): pyproject.toml Makefile
 install-llm: $(LLM_STAMP)
 
 test-llm: $(LLM_STAMP)
-	$(LLM_PY) -m pytest tests -m vllm $(ARGS)
+	$(LLM_PY) -m pytest tests -m "vllm and not slurm" $(ARGS)
+
+# make test-slurm: the SLURM tests in $(VENV), then those of the real LLM engine (marked slurm and
+# vllm) in $(LLM_VENV), installed first: their jobs run the submitting Python, which must have vLLM
+test-slurm: $(STAMP) $(LLM_STAMP)
+	$(PY) -m pytest tests -m "slurm and not vllm" $(ARGS)
+	$(LLM_PY) -m pytest tests -m "slurm and vllm" $(ARGS)

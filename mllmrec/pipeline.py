@@ -8,6 +8,7 @@ and hands each stage (:mod:`mllmrec.stages`) its own config node and explicit in
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 from hydra.utils import get_class, instantiate
@@ -160,13 +161,21 @@ def stage_cli(stage: str) -> None:
     @report_errors
     def main(cfg: DictConfig) -> None:
         from mllmrec.llm.runner import ShardDone
+        from hydra.core.hydra_config import HydraConfig
+
+        from mllmrec.resume import write_metrics
+
+        def run_dir():
+            return Path(HydraConfig.get().runtime.output_dir)
 
         try:
             inputs = build_inputs(cfg, until=stage)
         except ShardDone as done:  # llm.shard: this job's share is saved; not an error
             log.info("%s", done)
+            write_metrics(run_dir(), {"status": "shard_done", "message": str(done)})  # for a multirun's summary
             return
         for name, art in inputs.artifacts.items():
             print(f"{name}: {art.path}{' (reused)' if art.reused else ''}")
+        write_metrics(run_dir(), {"status": "completed", "artifacts": {k: str(a.path) for k, a in inputs.artifacts.items()}})
 
     main()

@@ -218,6 +218,32 @@ def job_dir(cfg) -> Path:
         hydra_config.cfg = saved
 
 
+def llm_left(folder: Path) -> str:
+    """What an LLM stage job (a shard) that ended without a result left undone, from the progress
+    files the runner keeps in its folder (``llm-<stage>-progress.json``): "" when none."""
+    said = []
+    for path in sorted(folder.glob("llm-*-progress.json")):
+        try:
+            p = json.loads(path.read_text())
+            total, saved = int(p["requests"]), int(p["saved"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if saved >= total:
+            continue
+        who = f"{p.get('stage')} shard {p['shard']} of {p['num_shards']}" if p.get("shard") is not None else p.get("stage")
+        text = f"; {who}: {saved} of {total} answers saved, {total - saved} remain"
+        if p.get("state") == "loading the engine":
+            text += (" (it ended while the engine was loading: the time limit leaves too little for the engine and one "
+                     "chunk; raise hydra.launcher.timeout_min)")
+        elif p.get("state") == "generating" and p.get("chunk_started_at"):
+            started = time.strftime("%H:%M:%S", time.localtime(float(p["chunk_started_at"])))
+            text += (f" (a chunk of {p.get('chunk_requests')} requests started at {started} was never saved: if the "
+                     f"time limit is too short for one chunk, lower llm.chunk_size={p.get('chunk_size')} or raise "
+                     f"hydra.launcher.timeout_min)")
+        said.append(text + "; rerun the same command: only they are generated")
+    return "".join(said)
+
+
 def mark(launcher, overrides: list[str], num: int, job_id: str, end: End) -> JobReturn:
     """Write ``metrics.json`` with ``status`` = SLURM's state into the job's folder (and the
     ``.hydra/`` files the summary reads, when the job never started); a JobReturn for Hydra."""
@@ -237,7 +263,7 @@ def mark(launcher, overrides: list[str], num: int, job_id: str, end: End) -> Job
         before = {}
     if before.get("status") != "completed":
         own = before.get("error") if "slurm_state" not in before else None  # not an earlier run's mark
-        message = end.message + (f"; the job had written: {own}" if own else "")
+        message = end.message + (f"; the job had written: {own}" if own else "") + llm_left(out)
         write_text_atomic(metrics_path, json.dumps({"status": end.state, "error": message, "slurm_job_id": job_id,
                                                     "slurm_state": end.state}, indent=2))
         log.error("job #%d (%s) %s: %s", num, " ".join(filter_overrides(overrides)), end.state, message)

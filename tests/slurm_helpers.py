@@ -6,6 +6,7 @@ import os
 import time
 
 import pytorch_lightning as pl
+from hydra.experimental.callback import Callback
 
 
 class SlowEpochs(pl.Callback):
@@ -60,3 +61,34 @@ class SlowFirstBuild:
             return original(cache, *args, **kw)
 
         store.ArtifactCache._build = slow_build
+
+
+class SlowChunks(Callback):
+    """A Hydra callback (``+hydra.callbacks.slow_chunks._target_=slurm_helpers.SlowChunks``): in
+    the job whose ``llm.shard`` is ``shard``, and only in its first run (``SLURM_RESTART_COUNT``
+    0), every chunk of answers saved is followed by a wait of up to ``seconds`` that ends when
+    SLURM's SIGUSR2 (the time limit near) has come: a shard that reaches its time limit
+    mid-generation whatever the machine's speed. Its requeued runs are not slowed."""
+
+    def __init__(self, seconds: float = 600.0, shard: int = 0):
+        self.seconds = float(seconds)
+        self.shard = int(shard)
+
+    def on_job_start(self, config=None, **kwargs) -> None:
+        if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 or config.llm.get("shard") != self.shard:
+            return
+        from mllmrec.llm import runner
+
+        original, seconds = runner.WorkStore.save, self.seconds
+
+        def slow_save(store, *args, **kw):
+            out = original(store, *args, **kw)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                held = runner.HeldSignal.active
+                if held is not None and held.received is not None:
+                    break
+                time.sleep(1.0)
+            return out
+
+        runner.WorkStore.save = slow_save

@@ -107,12 +107,36 @@ def _import_object(path: str):
         raise ConfigError("llm.engine_factory", f"cannot import {path!r}: {exc}") from None
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
+def check_model_folder(model: str) -> None:
+    """``llm.model`` given as a local folder (a path, or an existing folder) must hold a model: a
+    ``config.json`` and weights. One line naming the folder otherwise, before vLLM is loaded (its
+    own error is a traceback several screens long). A hub name (``org/name``) is left to vLLM."""
+    path = Path(model).expanduser()
+    pathlike = model.startswith(("/", "./", "../", "~")) or path.is_dir()
+    if not pathlike:
+        return
+    if not path.is_dir():
+        raise ConfigError("llm.model", f"{model}: no such folder (a local model folder, or a model name the "
+                                       f"hub knows such as google/gemma-3-27b-it)")
+    if not (path / "config.json").is_file():
+        held = sorted(p.name for p in path.iterdir())[:5]
+        raise ConfigError("llm.model", f"{path} is not a model folder: it has no config.json (it holds: "
+                                       f"{', '.join(held) or 'nothing'}); for llm=tiny run `make install-llm`")
+    if not any(next(path.glob(pattern), None) is not None for pattern in WEIGHT_PATTERNS):
+        raise ConfigError("llm.model", f"{path} is not a model folder: config.json but no weights "
+                                       f"({', '.join(WEIGHT_PATTERNS)})")
+
+
 class VLLMBackend:
     """Offline batch inference: hands whole chunks of conversations to ``LLM.chat`` at once."""
 
     name = "vllm"
 
     def __init__(self, llm: LLMSettings):
+        check_model_folder(llm.model)
         factory = ENGINE_FACTORY
         if factory is None and llm.vllm.engine_factory:
             factory = _import_object(llm.vllm.engine_factory)
@@ -237,6 +261,8 @@ class OpenAIBackend:
                 resp = self.client.post(self.url, json=body)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 last = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                if isinstance(exc, httpx.ConnectError):
+                    last += " (no server answers at llm.base_url: start it, or fix the URL)"
             else:
                 status = resp.status_code
                 if status == 200:

@@ -16,9 +16,13 @@ whose inputs changed only in part reuse the answers it holds); deleting it is al
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -30,14 +34,14 @@ import pandas as pd
 
 from mllmrec.cache import Artifact, ArtifactCache, stable_hash
 from mllmrec.errors import ConfigError
-from mllmrec.files import atomic_file
+from mllmrec.files import atomic_file, write_text_atomic
 from mllmrec.llm import backends, prompts
 from mllmrec.llm.backends import Request, Result
 from mllmrec.llm.settings import LLMSettings, Selection
 
 log = logging.getLogger(__name__)
 
-PART_COLUMNS = ["id", "input_hash", "text", "finish_reason", "prompt_tokens", "completion_tokens"]
+PART_COLUMNS = ["id", "input_hash", "text", "finish_reason", "prompt_tokens", "completion_tokens", "source"]
 OUTPUT_COLUMNS = ["text", "finish_reason", "prompt_tokens", "completion_tokens"]
 POSTPROCESS = ("strip", "last_paragraph")
 
@@ -98,11 +102,16 @@ class WorkStore:
             except Exception as exc:  # noqa: BLE001 - a damaged part is skipped, its rows regenerated
                 log.warning("%s: unreadable (%s); its requests will be sent again", part, exc)
                 continue
+            if "source" not in df.columns:  # parts saved before the source was recorded
+                df["source"] = "an earlier run"
             for rec in df.to_dict("records"):
                 rows.setdefault((int(rec["id"]), str(rec["input_hash"])), rec)
         return rows
 
-    def save(self, requests: Sequence[Request], results: Sequence[Result]) -> dict[tuple[int, str], dict]:
+    def save(self, requests: Sequence[Request], results: Sequence[Result],
+             source: str = "") -> dict[tuple[int, str], dict]:
+        """One part file with the answers of ``requests``; ``source``: which job made them (the
+        merge run's summary counts the answers per source)."""
         if len(results) != len(requests):
             raise RuntimeError(f"{len(results)} answers for {len(requests)} requests")
         recs = []
@@ -111,7 +120,7 @@ class WorkStore:
                 raise RuntimeError(f"answer for id {res.id} where id {req.id} was expected")
             recs.append({"id": int(req.id), "input_hash": req.input_hash, "text": str(res.text),
                          "finish_reason": str(res.finish_reason), "prompt_tokens": int(res.prompt_tokens),
-                         "completion_tokens": int(res.completion_tokens)})
+                         "completion_tokens": int(res.completion_tokens), "source": source})
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"part-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         with atomic_file(self.folder / name, fsync=True) as tmp:  # hidden until renamed: not a part-* yet
@@ -181,7 +190,8 @@ def generate(
             missing = len(set(picked.chosen) - set(picked.mine) - {i for i, _ in saved})
         raise _shard_done(stage, selection, len(mine), len(pending), missing, exact=whole)
     by_id = {r.id: saved[(r.id, r.input_hash)] for r in requests}
-    summary = {"requests": len(requests), "generated_now": len(pending), "reused_saved_answers": reused,
+    answers_from = dict(Counter(str(rec.get("source") or "an earlier run") for rec in by_id.values()).most_common())
+    summary = {"answers_from": answers_from, "requests": len(requests), "generated_now": len(pending), "reused_saved_answers": reused,
                "generation_seconds": round(seconds, 3),
                "rows_per_second": round(len(pending) / seconds, 3) if pending and seconds > 0 else None,
                "over_limit": len(picked.over_limit), **dict(counts or {})}
@@ -191,6 +201,9 @@ def generate(
         return _assemble(out / output, by_id, n_rows, id_column, how, fill_reason, picked.over_limit, summary)
 
     art = cache.fetch(stage, config, inputs, build)
+    if not art.reused:
+        log.info("%s: published %s; its %d answers came from: %s", stage, art.path, len(by_id),
+                 "; ".join(f"{n} from {who}" for who, n in answers_from.items()) or "nowhere")
     truncated = art.manifest["counts"].get("truncated_by_max_tokens")
     if truncated:
         log.warning("%s: %d answers stopped at llm.sampling.max_tokens (finish_reason=length)", stage, truncated)
@@ -221,7 +234,7 @@ def _answer_missing(stage: str, store: WorkStore, saved: dict, requests: Sequenc
     if pending:
         announce(stage, pending, settings, lambda: prompts.TokenCounter("auto", llm.model), llm.selection)
         _answer(stage, store, saved, pending, lambda: backends.make_backend(llm), llm.chunk_size, desc,
-                done=len(mine) - len(pending))
+                done=len(mine) - len(pending), selection=llm.selection)
     return pending, reused, time.perf_counter() - started
 
 
@@ -255,30 +268,151 @@ def _eta(seconds: float) -> str:
     return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
+def job_source(selection: Selection) -> str:
+    """Who generated an answer, as the merge run's summary names it: the shard, and the SLURM job
+    (array task) and its run (``SLURM_RESTART_COUNT``: 0 first, 1 after one requeue), else the process."""
+    who = f"shard {selection.shard} of {selection.num_shards}" if selection.shard is not None else "unsharded run"
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        name = f"{array}_{task}" if array and task else job
+        return f"{who}, SLURM job {name} run {int(os.environ.get('SLURM_RESTART_COUNT') or 0)}"
+    return f"{who}, pid {os.getpid()}"
+
+
+def progress_file(stage: str) -> Path | None:
+    """``llm-<stage>-progress.json`` in the Hydra job's output folder (None outside a Hydra job): the
+    SLURM launcher names what a shard that failed for good left undone from it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir) / f"llm-{stage}-progress.json"
+    except Exception:  # noqa: BLE001 - no Hydra job: no progress file
+        pass
+    return None
+
+
+class _Progress:
+    """The job's progress file, rewritten atomically at each chunk's start and end."""
+
+    def __init__(self, stage: str, selection: Selection, total: int, chunk: int, source: str):
+        self.path = progress_file(stage)
+        self.state = {"stage": stage, "shard": selection.shard, "num_shards": selection.num_shards,
+                      "requests": total, "saved": 0, "chunk_size": chunk, "source": source}
+
+    def update(self, **changes) -> None:
+        self.state.update(changes, updated_at=round(time.time(), 1))
+        if self.path is not None:
+            try:
+                write_text_atomic(self.path, json.dumps(self.state, indent=1))
+            except OSError as exc:  # progress is informative; generation goes on
+                log.debug("progress file %s: %s", self.path, exc)
+
+
+class HeldSignal:
+    """While chunks are generated, SIGUSR2 (SLURM's warning before the time limit, on which
+    submitit requeues the job and exits at once) is held until the chunk in flight is saved, then
+    handed to the handler that was installed: a timed-out shard loses no answer it generated, and
+    its requeued run sends only the others. Only where a handler is installed (a submitit job) and
+    in the main thread; elsewhere nothing changes. A chunk that outlives the time left after the
+    signal (``hydra.launcher.signal_delay_s``) is lost with the job, and the launcher names it."""
+
+    SIGNAL = getattr(signal, "SIGUSR2", None)
+    active: "HeldSignal | None" = None  # the one holding the signal now (tests wait on it)
+
+    def __init__(self):
+        self.original = None
+        self.received: float | None = None
+
+    def __enter__(self) -> "HeldSignal":
+        HeldSignal.active = self
+        if self.SIGNAL is not None and threading.current_thread() is threading.main_thread():
+            current = signal.getsignal(self.SIGNAL)
+            if callable(current):
+                self.original = current
+                signal.signal(self.SIGNAL, self._hold)
+        return self
+
+    @contextlib.contextmanager
+    def shielding_children(self):
+        """Processes started in here (vLLM's engine core and workers) inherit SIGUSR2 blocked: SLURM
+        signals every process of the job, and theirs would die of it (its default action) in the
+        middle of a chunk. This process gets a signal that came meanwhile once it is unblocked."""
+        if self.original is None or not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, {self.SIGNAL})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {self.SIGNAL})
+
+    def _hold(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = time.time()
+
+    def hand_over(self, stage: str, saved: int, total: int) -> None:
+        """Restore the job's handler and call it with the held signal (submitit: requeue, exit)."""
+        original, self.original = self.original, None
+        signal.signal(self.SIGNAL, original)
+        log.warning("%s: SIGUSR2 (the time limit is near) came %.0f s ago, held until the chunk in flight was saved; "
+                    "%d of %d answers are saved: handing the signal to the job's handler (requeue, then resume)",
+                    stage, time.time() - self.received, saved, total)
+        original(self.SIGNAL, None)
+
+    def __exit__(self, *exc) -> bool:
+        HeldSignal.active = None
+        if self.original is not None:
+            signal.signal(self.SIGNAL, self.original)
+            self.original = None
+        return False
+
+
 def _answer(stage, store: WorkStore, saved: dict, pending: Sequence[Request], backend_factory, chunk: int,
-            desc: str | None, done: int) -> None:
-    """Generate ``pending`` chunk by chunk, saving each chunk; the bar's ETA (and one log line) come
-    from the throughput of the chunks answered so far, the first one included."""
+            desc: str | None, done: int, selection: Selection = Selection()) -> None:
+    """Generate ``pending`` chunk by chunk, saving each chunk. One log line per chunk: requests
+    done / total (this job's), requests/s and generated tokens/s so far, and the estimated time
+    left; the bar shows the same. A SIGUSR2 during a chunk is held until it is saved (HeldSignal)."""
     from tqdm.auto import tqdm
 
-    backend = backend_factory()
-    try:
-        with tqdm(total=done + len(pending), initial=done, unit="rows", desc=desc or stage, smoothing=0.1) as bar:
-            t0 = time.perf_counter()
-            for start in range(0, len(pending), chunk):
-                part = pending[start:start + chunk]
-                saved.update(store.save(part, backend.generate(part)))
-                bar.update(len(part))
-                n = start + len(part)
-                rate = n / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"eta {_eta((len(pending) - n) / rate)}", refresh=True)
-                if start == 0:
-                    log.info("%s: first chunk of %d in %.1f s (%.2f requests/s); ETA for the other %d: %s", stage,
-                             len(part), time.perf_counter() - t0, rate, len(pending) - n, _eta((len(pending) - n) / rate))
-    finally:
-        close = getattr(backend, "close", None)
-        if close is not None:
-            close()
+    total = done + len(pending)
+    source = job_source(selection)
+    where = f" (shard {selection.shard} of {selection.num_shards})" if selection.shard is not None else ""
+    progress = _Progress(stage, selection, total, chunk, source)
+    progress.update(saved=done, state="loading the engine")
+    with HeldSignal() as held:
+        with held.shielding_children():
+            backend = backend_factory()
+        try:
+            with tqdm(total=total, initial=done, unit="rows", desc=desc or stage, smoothing=0.1) as bar:
+                t0 = time.perf_counter()
+                tokens = 0
+                for start in range(0, len(pending), chunk):
+                    part = pending[start:start + chunk]
+                    progress.update(state="generating", chunk_started_at=round(time.time(), 1),
+                                    chunk_requests=len(part))
+                    results = backend.generate(part)
+                    saved.update(store.save(part, results, source))
+                    n = start + len(part)
+                    tokens += sum(int(r.completion_tokens) for r in results)
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    eta = _eta((len(pending) - n) / (n / elapsed))
+                    progress.update(saved=done + n, state="done" if n == len(pending) else "saved a chunk")
+                    bar.update(len(part))
+                    bar.set_postfix_str(f"eta {eta}", refresh=True)
+                    log.info("%s%s: %d/%d requests done (%.0f%%), %.2f requests/s, %.1f generated tokens/s, "
+                             "ETA %s", stage, where, done + n, total, 100 * (done + n) / total, n / elapsed,
+                             tokens / elapsed, eta)
+                    if held.received is not None and n < len(pending):
+                        held.hand_over(stage, done + n, total)
+                if held.received is not None:
+                    log.info("%s: SIGUSR2 came during the last chunk; every answer is saved, the job ends normally",
+                             stage)
+        finally:
+            close = getattr(backend, "close", None)
+            if close is not None:
+                close()
 
 
 def _assemble(path: Path, by_id: dict, n_rows: int, id_column: str, how: str, fill_reason: str,

@@ -291,7 +291,8 @@ class SweepSummary(Callback):
                 line = plot_line(cells, key, sweep_dir / "sweep.png", f"{dataset}: sensitivity to {key}", spec)
                 plot = plot or line
                 break
-        n_failed = int((df["status"] != "completed").sum())
+        done = df["status"].isin(["completed", "shard_done"])  # shard_done: an LLM shard job saved its share
+        n_failed = int((~done).sum())
         log.info("multirun: %d jobs in %d cells (%d failed) -> %s, %s%s", len(df), len(cells), n_failed, csv_path,
                  sweep_dir / "summary_by_cell.csv", f", {plot}" if plot else "")
         _log_best(cells, spec)
@@ -300,7 +301,7 @@ class SweepSummary(Callback):
         except Exception as exc:  # the summary files stand even if W&B is unreachable
             log.error("multirun: could not log the summary to W&B: %s", exc)
         if n_failed:
-            for _, r in df[df["status"] != "completed"].iterrows():
+            for _, r in df[~done].iterrows():
                 log.error("job %s failed: %s", r["job"], r["error"])
             print(f"error: {n_failed} of {len(df)} jobs failed; see {csv_path}", file=sys.stderr)
             sys.exit(1)
