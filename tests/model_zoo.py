@@ -40,3 +40,12 @@ PLANTED_OVERRIDES = {"soil": ["model.mm_r_norm=item_degrees"]}
 
 def planted_overrides(name: str) -> list[str]:
     return list(PLANTED_OVERRIDES.get(name, []))
+
+
+# What the gradient test (test_gradients.py) sets on top of the small sizes: SOIL as on the planted data;
+# SMORE's preference dropout (0 by default) on, so that its mask is part of the checked gradient.
+GRADIENT_OVERRIDES = {**PLANTED_OVERRIDES, "smore": ["model.dropout=0.1"]}
+
+
+def gradient_overrides(name: str) -> list[str]:
+    return list(GRADIENT_OVERRIDES.get(name, []))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from gradients import assert_gradients_match, distinct_settings, every_entry
 from mm_planted import planted_data, val_recall_before_after
 from model_inputs import inputs_of
 from test_mm_soil import hand_case as soil_hand_case
@@ -21,8 +22,10 @@ from mllmrec.models import gume
 from mllmrec.models.base import Inputs, adam
 
 KNN_K = 3
-WEIGHTS = {"bm_loss": 0.3, "bm_temp": 0.4, "um_loss": 0.7, "um_temp": 0.3, "vt_loss": 0.5,
-           "reg_weight_1": 0.2, "reg_weight_2": 0.6}
+# distinct within each kind, so that a swap of two weights or of the two temperatures changes the loss
+WEIGHTS = distinct_settings(weights={"bm_loss": 0.3, "um_loss": 0.7, "vt_loss": 0.5, "reg_weight_1": 0.2,
+                                     "reg_weight_2": 0.6}, temperatures={"bm_temp": 0.4, "um_temp": 0.3})
+LAYERS = distinct_settings(layers={"n_ui_layers": 3, "n_layers": 2})
 BATCH = (np.array([0, 1, 3, 3, 5]), np.array([1, 2, 0, 3, 4]), np.array([4, 3, 2, 4, 0]))
 
 
@@ -118,6 +121,31 @@ def test_forward_and_loss_match_the_official_equations(monkeypatch):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())  # every parameter is trained (features too)
+
+
+def test_gradients_match_the_official_equations(monkeypatch):
+    """Every parameter entry's gradient (features included) against central differences of the official
+    loss (float64), with the same perturbation draws for every evaluation: a stop-gradient in one branch
+    leaves the values above unchanged and fails here."""
+    train, feats = hand_case()
+    adj, r, g, _ = reference_graphs(train, feats)
+    model = build(train, feats, batch_size=8, **WEIGHTS, **LAYERS)
+    with torch.no_grad():
+        for m in model.mods:
+            model.feat[m].add_(0.1 * torch.randn_like(model.feat[m]))
+    monkeypatch.setattr(gume, "uniform_like", fake_noise()[0])
+    model.batch_loss(*(torch.from_numpy(x) for x in BATCH)).backward()
+    p = official_params(model)
+    grads = {key: param.grad.double() for key, (_, param) in zip(p, model.named_parameters())}
+
+    def official_loss():  # fresh noise counters: every evaluation draws what the model's step drew
+        views = ref.forward(p, (adj, r, g), **LAYERS)
+        return ref.loss(views, 7, BATCH, WEIGHTS, fake_noise()[1], batch_size=8)
+
+    params = {k: torch.from_numpy(v) for k, v in p.items()}  # views: perturbing them perturbs p
+    checked = assert_gradients_match(model, grads, official_loss, rtol=1e-3, atol=1e-6, params=params,
+                                     entries=every_entry, what="the official loss's central difference")
+    assert checked == sum(param.numel() for param in model.parameters())
 
 
 def test_noise_terms_draw_fresh_perturbations():

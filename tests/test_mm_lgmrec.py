@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from gradients import distinct_settings
 from mm_planted import planted_data, val_recall_before_after
 from model_inputs import inputs_of
 
 from mllmrec.models.base import Inputs, adam
 
 N_USERS, N_ITEMS = 5, 7
+# distinct within each kind: a swap of two layer counts or of the two loss weights changes the result
+SETTINGS = distinct_settings(layers={"ui_layers": 2, "mm_layers": 3, "hyper_layers": 1},
+                             weights={"cl_weight": 0.5, "reg_weight": 0.1})
 
 
 @pytest.fixture
@@ -25,8 +29,7 @@ def case():
     from mllmrec.models.lgmrec import LGMRecModule
 
     torch.manual_seed(0)
-    model = LGMRecModule(inputs_of(sp.csr_matrix(train), modalities=mods), d=4, hyper_num=3, alpha=0.3,
-                         cl_weight=0.5, reg_weight=0.1)
+    model = LGMRecModule(inputs_of(sp.csr_matrix(train), modalities=mods), d=4, hyper_num=3, alpha=0.3, **SETTINGS)
     batch = (torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 3, 4, 6, 3, 2]), torch.tensor([4, 0, 1, 2, 5, 6]))
     return train, mods, model, batch
 
@@ -43,13 +46,13 @@ def dense_lgmrec(train, mods, p):
     deg = a.sum(1) + 1e-7
     a = a / torch.sqrt(torch.outer(deg, deg))
     ego = torch.cat([p["user_emb"], p["item_emb"]])
-    cge = (ego + a @ ego + a @ a @ ego) / 3
+    cge = (ego + a @ ego + a @ a @ ego) / 3  # ui_layers = 2
     norm = torch.nn.functional.normalize
     local, ghe, hyper = cge.clone(), 0, {}
     for m, f in mods.items():
         items = nt(f) @ p[f"trs.{m}"]
         users = (r @ items) / (r.sum(1, keepdim=True) + 1e-7)
-        local = local + norm(a @ a @ torch.cat([users, items]))
+        local = local + norm(a @ a @ a @ torch.cat([users, items]))  # mm_layers = 3
         logits = nt(f) @ p[f"hyper.{m}"]
         h_i, h_u = torch.softmax(logits / 0.2, 1), torch.softmax((r @ logits) / 0.2, 1)
         lat = h_i.T @ cge[N_USERS:]
@@ -62,9 +65,7 @@ def dense_lgmrec(train, mods, p):
 def test_lgmrec_forward_and_loss_match_the_dense_equations(case):
     train, mods, model, (users, pos, neg) = case
     model.eval()
-    p = {k: v.detach().double() for k, v in model.state_dict().items()}
-    p.update({f"trs.{m}": model.trs[m].detach().double() for m in mods})
-    p.update({f"hyper.{m}": model.hyper[m].detach().double() for m in mods})
+    p = {k: v.detach().double().requires_grad_() for k, v in model.named_parameters()}
     h_u, h_i, hyper = dense_lgmrec(train, mods, p)
     got_u, got_i = model.representations()
     torch.testing.assert_close(got_u.double(), h_u, rtol=1e-4, atol=1e-5)
@@ -79,8 +80,13 @@ def test_lgmrec_forward_and_loss_match_the_dense_equations(case):
 
     (uv, iv), (ut, it) = hyper["image"], hyper["text"]
     hcl = nce(uv[users], ut[users], ut) + nce(iv[pos], it[pos], it)
-    expected = bpr + 0.1 * reg + 0.5 * hcl
-    assert model.batch_loss(users, pos, neg).item() == pytest.approx(expected.item(), rel=1e-4)
+    expected = bpr + SETTINGS["reg_weight"] * reg + SETTINGS["cl_weight"] * hcl
+    got = model.batch_loss(users, pos, neg)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    got.backward()  # the gradients too: a stop-gradient in one branch leaves the values unchanged
+    expected.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad.double(), p[name].grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_training_memberships_are_noisy_distributions(case):

@@ -12,12 +12,17 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from gradients import assert_gradients_match, distinct_settings
 from mm_planted import planted_data, val_recall_before_after
 from model_inputs import inputs_of
 
 from mllmrec.models.base import Inputs, adam
 
-U, I, D, K = 3, 5, 4, 2
+U, I, D = 3, 5, 4
+# distinct k's per modality: a swap of image_knn_k and text_knn_k changes both graphs
+KNN = distinct_settings(ks={"image_knn_k": 2, "text_knn_k": 3})
+K_OF = {"image": KNN["image_knn_k"], "text": KNN["text_knn_k"]}
+WEIGHTS = distinct_settings(weights={"reg_weight": 50.0, "cl_weight": 0.5})
 TRAIN = np.zeros((U, I))
 for _u, _items in enumerate([[0, 1, 2], [1, 3], [0, 2, 3]]):  # item 4 has no training interaction
     TRAIN[_u, _items] = 1
@@ -35,7 +40,7 @@ def smore(modalities=("text", "image"), train=TRAIN, **kw):
     feats = {"text": TEXT, "image": IMAGE}
     torch.manual_seed(0)
     model = SMOREModule(inputs_of(sp.csr_matrix(train), modalities={m: feats[m] for m in modalities}), d=D,
-                        ui_layers=2, image_knn_k=K, text_knn_k=K, **kw)
+                        ui_layers=2, **KNN, **kw)
     with torch.no_grad():  # non-zero biases, so that a dropped bias shows
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -43,21 +48,29 @@ def smore(modalities=("text", "image"), train=TRAIN, **kw):
     return model
 
 
+OFFICIAL_NAMES = {
+    "user_embedding.weight": "user_emb", "item_id_embedding.weight": "item_emb", "image_embedding.weight": "feat.image",
+    "text_embedding.weight": "feat.text", "image_trs": "trs.image", "text_trs": "trs.text", "query_v": "query.image",
+    "query_t": "query.text", "gate_v": "gate.image", "gate_t": "gate.text", "gate_f": "gate.fusion",
+    "gate_image_prefer": "prefer.image", "gate_text_prefer": "prefer.text", "gate_fusion_prefer": "prefer.fusion",
+    "image_complex_weight": "spectral.image", "text_complex_weight": "spectral.text",
+    "fusion_complex_weight": "spectral.fusion"}
+
+
+def official_names(model) -> dict[str, str]:
+    """Official attribute name -> the module's parameter name."""
+    out = {}
+    for official, ours in OFFICIAL_NAMES.items():
+        for key in model.state_dict():
+            if key == ours or key.startswith(ours + "."):
+                out[official + key[len(ours):]] = key
+    return out
+
+
 def official_params(model) -> dict[str, np.ndarray]:
     """The module's parameters under the official attribute names, float64."""
-    p = {k: v.detach().double().numpy() for k, v in model.state_dict().items()}
-    names = {"user_embedding.weight": "user_emb", "item_id_embedding.weight": "item_emb",
-             "image_embedding.weight": "feat.image", "text_embedding.weight": "feat.text", "image_trs": "trs.image", "text_trs": "trs.text",
-             "query_v": "query.image", "query_t": "query.text", "gate_v": "gate.image", "gate_t": "gate.text",
-             "gate_f": "gate.fusion", "gate_image_prefer": "prefer.image", "gate_text_prefer": "prefer.text",
-             "gate_fusion_prefer": "prefer.fusion", "image_complex_weight": "spectral.image",
-             "text_complex_weight": "spectral.text", "fusion_complex_weight": "spectral.fusion"}
-    out = {}
-    for official, ours in names.items():
-        for key, value in p.items():
-            if key == ours or key.startswith(ours + "."):
-                out[official + key[len(ours):]] = value
-    return out
+    state = model.state_dict()
+    return {official: state[ours].detach().double().numpy() for official, ours in official_names(model).items()}
 
 
 # ---- dense re-derivation of the official code --------------------------------------------------
@@ -117,7 +130,7 @@ def lin(p, name, x):
 
 def dense_forward(p: dict, modalities=("image", "text")):
     """forward(norm_adj, train=True) with dropout 0: (final, side, content), [(U + I), d]."""
-    graphs = {m: knn_laplacian({"text": TEXT, "image": IMAGE}[m].astype(np.float64), K) for m in modalities}
+    graphs = {m: knn_laplacian({"text": TEXT, "image": IMAGE}[m].astype(np.float64), K_OF[m]) for m in modalities}
     graphs["fusion"] = graphs[modalities[0]] if len(modalities) == 1 else max_pool(graphs["image"], graphs["text"])
     adj = norm_bipartite(TRAIN)
     r_hat = adj[:U, U:]
@@ -177,11 +190,25 @@ def test_loss_matches_the_official_equations():
     assert model.batch_loss(*BATCH).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_loss_gradients_match_the_official_equations():
+    """Sampled entries of every parameter's gradient (dropout 0) against central differences of the official
+    loss (float64): a stop-gradient in one branch leaves the values above unchanged and fails here."""
+    model = smore(**WEIGHTS)
+    model.batch_loss(*BATCH).backward()
+    p = official_params(model)
+    ours = dict(model.named_parameters())
+    grads = {key: ours[name].grad.double() for key, name in official_names(model).items()}
+    params = {k: torch.from_numpy(v) for k, v in p.items()}  # views: perturbing them perturbs p
+    checked = assert_gradients_match(model, grads, lambda: dense_loss(*dense_forward(p), **WEIGHTS), rtol=1e-3,
+                                     atol=1e-6, params=params, what="the official loss's central difference")
+    assert len(grads) == len(ours) and checked == sum(min(5, v.numel()) for v in ours.values())
+
+
 def test_item_graphs_and_max_pool_fusion_over_the_union_of_edges():
     from mllmrec.models.smore import max_pool_fusion
 
     model = smore()
-    image, text = knn_laplacian(IMAGE.astype(np.float64), K), knn_laplacian(TEXT.astype(np.float64), K)
+    image, text = knn_laplacian(IMAGE.astype(np.float64), K_OF["image"]), knn_laplacian(TEXT.astype(np.float64), K_OF["text"])
     fusion = max_pool(image, text)
     assert fusion[4, 2] < 0 and text[4, 2] == 0  # the case exercises "absent = missing"
     for name, expected in (("image", image), ("text", text), ("fusion", fusion)):
@@ -245,8 +272,8 @@ def test_refine_changes_exactly_the_item_graphs():
     vanilla, refined = smore(), smore(**cfg)
     for m, f in (("image", IMAGE), ("text", TEXT)):
         graph = refined.item_graph[m].to_scipy()
-        assert {(int(r), int(c)) for r, c in zip(*graph.nonzero())} == _dense_refined_edges(f, K, 0.7, 1), m
-        assert vanilla.item_graph[m].to_scipy().nnz == I * K
+        assert {(int(r), int(c)) for r, c in zip(*graph.nonzero())} == _dense_refined_edges(f, K_OF[m], 0.7, 1), m
+        assert vanilla.item_graph[m].to_scipy().nnz == I * K_OF[m]
     fusion = max_pool(refined.item_graph["image"].to_scipy().toarray(), refined.item_graph["text"].to_scipy().toarray())
     np.testing.assert_array_equal(refined.item_graph["fusion"].to_scipy().toarray(), fusion)
     assert not np.array_equal(vanilla.item_graph["fusion"].to_scipy().toarray(), fusion)

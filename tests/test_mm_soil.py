@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 import soil_reference as ref
 import torch
+from gradients import assert_gradients_match, distinct_settings, every_entry
 from mm_planted import planted_data, val_recall_before_after
 from model_inputs import inputs_of
 
@@ -20,7 +21,11 @@ from mllmrec.models import soil
 from mllmrec.models.base import Inputs, adam
 
 HISTORIES = [[0, 1], [1, 2], [3], [0, 3], [2], [1]]  # 6 users, 5 items; item 4 in no history
-KNN = {"knn_i": 3, "knn_k": 3}
+# distinct k's (a swap of two of them changes the graphs); the hand case has no top-k tie and no negative
+# degree (NaN in the official code) with these; knn_a = 3 (= knn_i) adds negative and summed second-order
+# entries: the graph test runs both
+KNN = distinct_settings(ks={"knn_i": 3, "knn_k": 2, "knn_a": 0})
+WEIGHTS = distinct_settings(weights={"cl_loss": 0.3, "cl_loss2": 0.7})
 
 
 def hand_case():
@@ -68,13 +73,14 @@ def assert_same_graph(got: sp.spmatrix, expected: np.ndarray):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_graphs_match_the_official_loops():
+@pytest.mark.parametrize("knn_a", [KNN["knn_a"], 3])
+def test_graphs_match_the_official_loops(knn_a):
     train, feats = hand_case()
-    g, a, tied, a_ui, r_aug = reference(train, feats, knn_a=3)
-    assert tied == [] and (a < 0).any() and (a > 1.5).any()  # the case is tie-free, has negatives and sums
-    assert ref.interest_ties(train, [ref.build_sim(feats[m]) for m in ("image", "text")], **KNN) == 0
+    g, a, tied, a_ui, r_aug = reference(train, feats, knn_a=knn_a)
+    assert tied == [] and (knn_a != 3 or ((a < 0).any() and (a > 1.5).any()))  # tie-free; negatives and sums
+    assert ref.interest_ties(train, [ref.build_sim(feats[m]) for m in ("image", "text")], KNN["knn_i"], KNN["knn_k"]) == 0
     assert ((g["text"] > 0) & (g["text"] <= 1e-7)).any()  # a negative cosine floored to 1e-7
-    model = build(train, feats, knn_a=3)
+    model = build(train, feats, knn_a=knn_a)
     for m in ("image", "text"):
         assert_same_graph(model.item_graph[m].to_scipy(), g[m])
     assert_same_graph(model.ui_graph.csr, a_ui)
@@ -83,17 +89,37 @@ def test_graphs_match_the_official_loops():
 
 def test_forward_and_loss_match_the_official_equations():
     train, feats = hand_case()
-    g, _, _, a_ui, r_aug = reference(train, feats, knn_a=3)
-    model = build(train, feats, knn_a=3, cl_loss=0.3, cl_loss2=0.7)
+    g, _, _, a_ui, r_aug = reference(train, feats, knn_a=KNN["knn_a"])
+    model = build(train, feats, **WEIGHTS)
     p = official_params(model)
     final, side, content = ref.forward(p, feats, (a_ui, r_aug, g))
     got_u, got_i = model.representations()
     np.testing.assert_allclose(got_u.detach().numpy(), final[:6], rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(got_i.detach().numpy(), final[6:], rtol=1e-4, atol=1e-6)
     users, pos, neg = np.array([0, 1, 3, 3, 5]), np.array([1, 2, 0, 3, 1]), np.array([4, 3, 2, 4, 0])
-    expected = ref.loss(final, side, content, 6, users, pos, neg, 0.3, 0.7)
+    expected = ref.loss(final, side, content, 6, users, pos, neg, WEIGHTS["cl_loss"], WEIGHTS["cl_loss2"])
     got = model.batch_loss(*(torch.from_numpy(x) for x in (users, pos, neg)))
     assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradients_match_the_official_equations():
+    """Every parameter entry's gradient against central differences of the official loss (float64): a
+    stop-gradient in one branch leaves the values above unchanged and fails here."""
+    train, feats = hand_case()
+    g, _, _, a_ui, r_aug = reference(train, feats, knn_a=KNN["knn_a"])
+    model = build(train, feats, **WEIGHTS)
+    p = official_params(model)
+    users, pos, neg = np.array([0, 1, 3, 3, 5]), np.array([1, 2, 0, 3, 1]), np.array([4, 3, 2, 4, 0])
+    model.batch_loss(*(torch.from_numpy(x) for x in (users, pos, neg))).backward()
+    grads = {key: param.grad.double() for key, (_, param) in zip(p, model.named_parameters())}
+
+    def official_loss():
+        return ref.loss(*ref.forward(p, feats, (a_ui, r_aug, g)), 6, users, pos, neg, *WEIGHTS.values())
+
+    params = {k: torch.from_numpy(v) for k, v in p.items()}  # views: perturbing them perturbs p
+    checked = assert_gradients_match(model, grads, official_loss, rtol=1e-3, atol=1e-6, params=params,
+                                     entries=every_entry, what="the official loss's central difference")
+    assert checked == sum(param.numel() for param in model.parameters())
 
 
 def test_second_order_tie_rule_keeps_row_sums_and_untied_rows():
@@ -140,10 +166,10 @@ def test_chunked_builders_match_the_official_loops(monkeypatch):
 def test_single_modality_form(caplog):
     train, feats = hand_case()
     text = {"text": feats["image"]}  # non-negative: no negative degree (NaN in the official code), no tie
-    g, _, tied, a_ui, r_aug = reference(train, text, knn_a=3, modalities=("text",))
-    assert tied == [] and ref.interest_ties(train, [ref.build_sim(text["text"])], **KNN) == 0
+    g, _, tied, a_ui, r_aug = reference(train, text, knn_a=KNN["knn_a"], modalities=("text",))
+    assert tied == [] and ref.interest_ties(train, [ref.build_sim(text["text"])], KNN["knn_i"], KNN["knn_k"]) == 0
     with caplog.at_level(logging.INFO, logger="mllmrec.models.soil"):
-        model = build(train, text, knn_a=3)
+        model = build(train, text, knn_a=KNN["knn_a"])
     assert [r.message for r in caplog.records if "one modality" in r.message] == [
         "SOIL with one modality (text): interest columns and second-order similarity from it alone, no attention "
         "fuser, side = x_text / 2 (the fuser and the other map are created, unused)"]
@@ -160,9 +186,9 @@ def test_official_r_normalisation_needs_no_more_items_than_users():
     wide = np.concatenate([train, np.zeros((6, 2))], 1)  # 7 items > 6 users
     wide_feats = {m: np.concatenate([f, f[:2] + 0.1], 0) for m, f in feats.items()}
     with pytest.raises(ConfigError, match="model.mm_r_norm.*7 items > 6 users.*mm_r_norm=item_degrees") as err:
-        build(wide, wide_feats, knn_a=3)
+        build(wide, wide_feats, knn_a=KNN["knn_a"])
     assert "\n" not in str(err.value)
-    model = build(wide, wide_feats, knn_a=3, mm_r_norm="item_degrees")  # the corrected form: R = A_ui's block
+    model = build(wide, wide_feats, knn_a=KNN["knn_a"], mm_r_norm="item_degrees")  # the corrected form: R = A_ui's block
     ui = model.ui_graph.csr.toarray()
     np.testing.assert_allclose(model.r_graph.to_scipy().toarray(), ui[:6, 6:], rtol=1e-6)
 
@@ -212,7 +238,7 @@ def test_refine_replaces_the_knn_part_of_the_item_graph_only():
 
     train, feats = hand_case()
     cfg = {"refine": True, "alpha": 0.5, "k_c": 1, "denoise": True, "enhance": True}
-    vanilla, refined = build(train, feats, knn_a=3), build(train, feats, knn_a=3, **cfg)
+    vanilla, refined = build(train, feats, knn_a=KNN["knn_a"]), build(train, feats, knn_a=KNN["knn_a"], **cfg)
     csr = sp.csr_matrix(train, dtype=np.float32)
     for m in ("image", "text"):
         sims = ref.build_sim(feats[m])
@@ -222,7 +248,7 @@ def test_refine_replaces_the_knn_part_of_the_item_graph_only():
         interest = vanilla.item_graph[m].to_scipy().toarray() - ref.laplacian_sym(knn)
         idx, sim = knn_candidates(feats[m].astype(np.float32), KNN["knn_k"], progress=False)
         graph = refine_item_graph(idx, sim, cooccurrence_topk(csr, 1, progress=False), 0.5)
-        edges = {(i, j) for i, j, s in zip(np.repeat(np.arange(5), 3), idx.ravel(), sim.ravel()) if s >= 0.5}
+        edges = {(i, j) for i, j, s in zip(np.repeat(np.arange(5), KNN["knn_k"]), idx.ravel(), sim.ravel()) if s >= 0.5}
         edges |= set(zip(*cooccurrence_topk(csr, 1, progress=False).nonzero()))
         assert set(zip(*graph.nonzero())) == edges
         np.testing.assert_allclose(refined.item_graph[m].to_scipy().toarray(),
@@ -254,7 +280,7 @@ def test_learns_planted_structure(signal, gain):
     the gap; uninformative features: it learns from the interactions (observed .68 -> 1.0)."""
     data, mods = planted_data(users_per=20, items_per=10, modalities=("text", "image"), signal=signal)  # 80 x 40
     torch.manual_seed(0)
-    model = soil.SOILModule(Inputs(data, modalities=mods), adam(lr=0.01), d=16, knn_i=5, knn_a=3)
+    model = soil.SOILModule(Inputs(data, modalities=mods), adam(lr=0.01), d=16, knn_i=5, knn_a=KNN["knn_a"])
     before, after = val_recall_before_after(model, data)
     assert after > before + gain and after > 0.95, (before, after)
 

@@ -56,6 +56,20 @@ def test_feature_file_rows_must_match_items(tmp_path):
         load_feature_file(tmp_path / "nan.npy", 5)
 
 
+def test_one_log_line_names_the_modalities_their_sources_and_shapes(tmp_path, caplog):
+    import logging
+
+    from mllmrec.models.modalities import load_modalities
+
+    np.save(tmp_path / "image_feat.npy", np.ones((5, 3), np.float32))
+    with caplog.at_level(logging.INFO, logger="mllmrec.models.modalities"):
+        mods = load_modalities({"image": tmp_path / "image_feat.npy"}, 5, text_fallback=np.zeros((5, 4)))
+    assert list(mods) == ["text", "image"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"item modalities (2): text from the encode stage item embeddings (5 x 4), image from "
+        f"{tmp_path / 'image_feat.npy'} (5 x 3)"]
+
+
 def test_missing_modality_is_one_line():
     from mllmrec.errors import ConfigError
     from mllmrec.models.modalities import require_modalities

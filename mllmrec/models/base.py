@@ -75,6 +75,12 @@ class RankingModule(RankingEvaluation, pl.LightningModule):
         """Final (h_users [n_users, d], h_items [n_items, d])."""
         raise NotImplementedError
 
+    def unreached_parameters(self) -> set[str]:
+        """Names (as ``named_parameters``) of the trainable parameters that the training loss does not
+        reach in this configuration: they get no gradient. Declared, never silently skipped:
+        ``tests/test_gradients.py`` checks that these get none and every other one does."""
+        return set()
+
     def training_step(self, batch, batch_idx):
         users, pos, neg = batch
         loss = self.batch_loss(users, pos, neg)

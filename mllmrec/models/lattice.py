@@ -71,6 +71,10 @@ class LATTICEModule(RankingModule):
         self._rebuild = True
         self._item_adj = None
 
+    def unreached_parameters(self) -> set[str]:
+        """One modality: its softmax weight is 1 whatever ``modal_weight`` holds (no gradient)."""
+        return {"modal_weight"} if len(self.feat) == 1 else set()
+
     def item_adj(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Edges of A = (1 - lambda) norm(learned) + lambda original, modalities mixed by softmax weights."""
         lam = float(self.hparams.lambda_coeff)

@@ -12,11 +12,14 @@ texts) are the text modality, as on the embedded office dataset
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from mllmrec.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 MODALITIES = ("text", "image")
 
@@ -64,7 +67,17 @@ def load_modalities(files: dict[str, Path], n_items: int, text_fallback=None) ->
     mods = {m: load_feature_file(p, n_items) for m, p in files.items()}
     if "text" not in mods and text_fallback is not None:
         mods["text"] = np.asarray(text_fallback, dtype=np.float32)
-    return {m: mods[m] for m in MODALITIES if m in mods}  # fixed order: text, image
+    mods = {m: mods[m] for m in MODALITIES if m in mods}  # fixed order: text, image
+    if mods:
+        log.info("%s", modalities_line(mods, files))
+    return mods
+
+
+def modalities_line(mods: dict[str, np.ndarray], files: dict[str, Path]) -> str:
+    """One line: the item modalities the model is built with, each one's source and shape."""
+    parts = [f"{m} from {files[m] if m in files else 'the encode stage item embeddings'} "
+             f"({mods[m].shape[0]} x {mods[m].shape[1]})" for m in mods]
+    return f"item modalities ({len(mods)}): " + ", ".join(parts)
 
 
 def require_modalities(modalities: dict, model: str, needed: str = "any") -> None:

@@ -285,6 +285,14 @@ class SOILModule(RankingModule):
         self.attention = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Linear(d, 1, bias=False))
         self.map = nn.ModuleDict({m: nn.Sequential(nn.Linear(d, d), nn.Sigmoid()) for m in ("image", "text")})
 
+    def unreached_parameters(self) -> set[str]:
+        """One modality: the attention fuser and the other modality's map are created (the official
+        creation order) but unused."""
+        if len(self.mods) == 2:
+            return set()
+        unused = ("attention.", *(f"map.{m}." for m in ("image", "text") if m not in self.mods))
+        return {n for n, _ in self.named_parameters() if n.startswith(unused)}
+
     def build_graphs(self, train: sp.csr_matrix, modalities: dict, refine: dict | None) -> None:
         """G_m (``item_graph``), A_ui (``ui_graph``) and R_aug (``r_graph``), once."""
         hp = self.hparams
