@@ -165,3 +165,15 @@ def test_id_only_models_refuse_the_cold_split_and_feature_models_run():
         cold_start.check(ds, cls, name)  # no error
         assert cls.needs in ("features", "modalities")
     cold_start.check(OmegaConf.create({"split": "mmrec"}), get_class("mllmrec.models.bpr.BPRModule"))
+
+
+def test_cold_start_experiment_runs_every_model_that_can():
+    """experiment=cold_start: MLLMRec first, then every conf/model whose class does not refuse the split."""
+    import yaml
+    from hydra.utils import get_class
+    from model_zoo import MODEL_CONFS
+
+    params = yaml.safe_load(open("conf/experiment/cold_start.yaml"))["hydra"]["sweeper"]["params"]
+    models = [m.strip() for m in params["model"].split(",")]
+    can = [m for m in MODEL_CONFS if get_class(OmegaConf.load(f"conf/model/{m}.yaml")._target_).needs != "ids"]
+    assert models[0] == "mllmrec" and sorted(models) == sorted(can) == sorted(cold_start.ID_PART)
