@@ -139,11 +139,26 @@ class RecData:
     meta: pd.DataFrame | None = None  # index itemID 0..n_items-1, string columns
     fingerprint: str = ""
     sources: dict = field(default_factory=dict)
+    # split code -> the items ranked for it (a cold-start split's cold items); None: every item
+    candidates: dict | None = None
 
     def pairs(self, split: str | int) -> tuple[np.ndarray, np.ndarray]:
         code = SPLITS[split] if isinstance(split, str) else split
         mask = self.split == code
         return self.users[mask], self.items[mask]
+
+    def non_candidates(self, split: str | int) -> np.ndarray | None:
+        """The items that are no ranking candidate for ``split`` (None: all items are candidates)."""
+        code = SPLITS[split] if isinstance(split, str) else split
+        if not self.candidates or code not in self.candidates:
+            return None
+        return np.setdiff1d(np.arange(self.n_items), self.candidates[code])
+
+    def negative_items(self) -> np.ndarray | None:
+        """The items BPR negatives are drawn from (None: all items): a cold-start split's warm items."""
+        if not self.candidates:
+            return None
+        return np.setdiff1d(np.arange(self.n_items), np.concatenate(list(self.candidates.values())))
 
     def split_matrix(self, split: str | int) -> sp.csr_matrix:
         """Binary users x items CSR matrix of one split's interactions."""

@@ -19,19 +19,26 @@ log = logging.getLogger(__name__)
 
 
 def sample_negatives(
-    users: torch.Tensor, train_keys: torch.Tensor, n_items: int, generator: torch.Generator, max_rounds: int = 1000
+    users: torch.Tensor, train_keys: torch.Tensor, n_items: int, generator: torch.Generator, max_rounds: int = 1000,
+    pool: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One uniform negative per row among the items ``users[row]`` has no training interaction with.
+    """One uniform negative per row among the items ``users[row]`` has no training interaction with
+    (and, with ``pool``, among the items of ``pool`` only: a cold-start split's warm items).
 
     ``train_keys`` is the sorted tensor of ``user * n_items + item`` over the training pairs.
     Collisions are redrawn, vectorised, until none is left.
     """
-    neg = torch.randint(n_items, users.shape, generator=generator, device=users.device)
+    def draw(shape):
+        if pool is None:
+            return torch.randint(n_items, shape, generator=generator, device=users.device)
+        return pool[torch.randint(pool.numel(), shape, generator=generator, device=users.device)]
+
+    neg = draw(users.shape)
     for _ in range(max_rounds):
         bad = sorted_contains(train_keys, users * n_items + neg).nonzero().squeeze(1)
         if bad.numel() == 0:
             return neg
-        neg[bad] = torch.randint(n_items, (bad.numel(),), generator=generator, device=users.device)
+        neg[bad] = draw((bad.numel(),))
     raise RuntimeError("negative sampling did not converge: some user interacted with (nearly) every item")
 
 
@@ -61,7 +68,7 @@ class TripletEpochs:
         perm = torch.randperm(dm.train_users.numel(), generator=gen, device=device)
         users = dm.train_users[perm]
         pos = dm.train_items[perm]
-        neg = sample_negatives(users, dm.train_keys, dm.n_items, gen)
+        neg = sample_negatives(users, dm.train_keys, dm.n_items, gen, pool=dm.negative_pool)
         if dm.epoch_as_one_batch:  # the model splits it into batch_size steps itself (model.cuda_graphs)
             yield users, pos, neg
             return
@@ -94,6 +101,7 @@ class RecDataModule(pl.LightningDataModule):
         # set by a model that runs the epoch's steps itself (the static-shape step): one Lightning
         # batch per epoch, so Lightning's per-batch loop and hooks run once instead of per step
         self.epoch_as_one_batch = False
+        self.negative_pool: torch.Tensor | None = None  # set in setup from the data (a cold-start split)
 
     def attach(self, data: RecData) -> "RecDataModule":
         self.data = data
@@ -120,6 +128,10 @@ class RecDataModule(pl.LightningDataModule):
         self.train_users = torch.as_tensor(u, dtype=torch.long, device=device)
         self.train_items = torch.as_tensor(i, dtype=torch.long, device=device)
         self.train_keys = torch.sort(self.train_users * d.n_items + self.train_items).values
+        pool = d.negative_items()  # a cold-start split: warm items only
+        self.negative_pool = None if pool is None else torch.as_tensor(pool, dtype=torch.long, device=device)
+        # the items' training popularity, shared by every evaluation batch (beyond-accuracy metrics)
+        item_pop = torch.as_tensor(np.bincount(i, minlength=d.n_items), dtype=torch.float64, device=device)
         train = d.train_matrix
         # CPU: small user blocks keep the [users x items] score block in cache (measured fastest);
         # GPU: large blocks keep the device busy
@@ -130,9 +142,10 @@ class RecDataModule(pl.LightningDataModule):
             heldout = d.split_matrix(code)
             users = self.eval_users(code)
             batches = []
+            exclude = d.non_candidates(code)  # a cold-start split ranks its cold items only
             for start in range(0, len(users), size):
-                b = make_eval_batch(users[start : start + size], train, heldout)
-                batches.append({k: v.to(device) for k, v in b.items()})
+                b = make_eval_batch(users[start : start + size], train, heldout, exclude)
+                batches.append({**{k: v.to(device) for k, v in b.items()}, "item_pop": item_pop})
             self.eval_batches[name] = batches
             log.info("%s: %d users evaluated in %d batch(es)", name, len(users), len(batches))
         self._device = device

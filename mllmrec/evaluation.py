@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from mllmrec.errors import DivergedError
-from mllmrec.metrics import EvalSpec, evaluate_batch, masked_topk, pairs_of_rows
+from mllmrec.metrics import EvalSpec, batch_sums, finalize, masked_topk, pairs_of_rows, popularity_groups, zero_sums
 
 
 class RankingEvaluation:
@@ -25,6 +25,7 @@ class RankingEvaluation:
 
     _eval_reprs: tuple[torch.Tensor, torch.Tensor] | None = None  # (h_users, h_items^T) of one pass
     _eval_spec: EvalSpec | None = None
+    _item_groups: torch.Tensor | None = None  # the items' popularity groups during a pass (eval.metrics)
 
     @property
     def eval_spec(self) -> EvalSpec:
@@ -84,8 +85,8 @@ class RankingEvaluation:
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Mean Recall/NDCG@K, by metric name, over the users of prebuilt evaluation batches
-        (:func:`mllmrec.metrics.make_eval_batch`, on the model's device)."""
+        """The metrics of ``eval_spec`` (mean Recall/NDCG@K by default), by metric name, over the users of
+        prebuilt evaluation batches (:func:`mllmrec.metrics.make_eval_batch`, on the model's device)."""
         self.begin_evaluation()
         try:
             for batch in batches:
@@ -95,22 +96,30 @@ class RankingEvaluation:
         return {m: float(v) for m, v in self._evaluation_means().items()}
 
     def begin_evaluation(self) -> None:
-        """Start a pass over evaluation batches: zero the sums, compute the representations once."""
-        self._sums = {m: torch.zeros((), dtype=torch.float64, device=self.device) for m in self.eval_spec.names}
-        self._count = 0
+        """Start a pass over evaluation batches: compute the representations once, zero the sums (all
+        additive: users' metric sums, group user counts, item-count vectors; :mod:`mllmrec.metrics.beyond`)."""
         self._cache_representations()
+        self._sums = zero_sums(self.eval_spec, self._eval_reprs[1].shape[1], self.device)
+        self._count = 0
+        self._item_groups = None  # popularity groups, from the first batch's item_pop (once per pass)
 
     def evaluation_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Score, mask and rank one batch's users; add their metrics to the pass."""
+        spec = self.eval_spec
+        if spec.needs_popularity and self._item_groups is None:
+            if "item_pop" not in batch:
+                raise ValueError(f"eval.metrics={list(spec.metrics)} needs the items' training popularity: "
+                                 "evaluation batches without item_pop (built by RecDataModule.setup)")
+            self._item_groups = popularity_groups(batch["item_pop"], spec.group_cuts)
         scores = self.score_users(batch["users"])
-        for m, v in evaluate_batch(scores, batch, self.eval_spec.topk).items():
-            self._sums[m] += v.sum()
+        for m, v in batch_sums(scores, batch, spec, self._item_groups).items():
+            self._sums[m] += v
         self._count += int(batch["users"].shape[0])
 
     def _evaluation_means(self) -> dict[str, torch.Tensor]:
-        """End the pass: each metric's mean over its users (float64)."""
+        """End the pass: each metric from the pass's sums (float64; per-user metrics: the mean over the users)."""
         self._eval_reprs = None
-        return {m: self._sums[m] / max(self._count, 1) for m in self.eval_spec.names}
+        return finalize(self._sums, self._count, self.eval_spec)
 
     def end_evaluation(self, prefix: str) -> dict[str, float]:
         """End the pass and log its means as ``<prefix>/<metric>`` (float32, as logged); return them."""

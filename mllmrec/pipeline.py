@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from mllmrec import cold_start
 from mllmrec import config as mconfig
 from mllmrec.cache import ArtifactCache
 from mllmrec.cache.integrity import file_hash
@@ -33,7 +34,9 @@ STAGE_ORDER = ("describe", "reason", "encode", "graph")
 
 
 def load_data(cfg: DictConfig) -> RecData:
-    data = load_dataset(cfg.dataset.name, cfg.dataset.data_dir)
+    """The dataset under its split (``dataset.split``: the file's, or :mod:`mllmrec.cold_start`'s)."""
+    cold_start.check(cfg.dataset)
+    data = cold_start.apply(load_dataset(cfg.dataset.name, cfg.dataset.data_dir), cfg.dataset)
     log.info("%s", data.summary())
     return data
 
@@ -132,7 +135,9 @@ def prepare_inputs(cfg: DictConfig) -> Inputs:
     """Data plus the inputs the model class declares it needs (``needs``, see :mod:`mllmrec.models.base`):
     ``"features"``: the stage artifacts (reason -> encode -> graph); ``"modalities"``: the item
     modality features; ``"ids"``: the interactions only."""
-    needs = get_class(cfg.model._target_).needs
+    model_cls = get_class(cfg.model._target_)
+    cold_start.check(cfg.dataset, model_cls, OmegaConf.select(cfg, "model.name") or model_cls.__name__)
+    needs = model_cls.needs
     if needs == "features":
         return build_inputs(cfg)
     if needs == "modalities":

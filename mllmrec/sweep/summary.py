@@ -29,6 +29,7 @@ from mllmrec.sweep.cells import (
     summarize_cells,
     varying,
 )
+from mllmrec.sweep.groups import plot_popularity_groups
 from mllmrec.sweep.tables import comparison_table, tables
 
 log = logging.getLogger("mllmrec.sweep.summary")
@@ -277,9 +278,11 @@ class SweepSummary(Callback):
         plot = None
         if any(varying(df, a) for a in AXES):
             plot = plot_heatmap(cells, sweep_dir / "heatmap.png", f"{dataset}: alpha x K_c", spec)
-        for key, stem, labels, metrics, reference in tables(spec):
+        for key, stem, labels, metrics, reference in tables(spec, OmegaConf.select(config, "dataset.split") or "mmrec"):
             if varying(df, key):
                 comparison_table(cells, sweep_dir, key, stem, labels, metrics, reference, df)
+        if varying(df, "model"):  # Recall@K by popularity group, one bar group per model
+            plot = plot_popularity_groups(cells, sweep_dir / "popularity_groups.png", dataset, spec) or plot
         if varying(df, "graph.refine"):  # experiment=plug_in: the paper's Figure 3
             from mllmrec.sweep.plug_in import summarize_plug_in
 

@@ -1,10 +1,12 @@
 """The multirun's comparison tables, one row per swept value: the paper's Table 2 (``variant``,
-``ablation.md``) and Table 1 (``model``, ``models.md``); written by :class:`mllmrec.sweep.summary.SweepSummary`."""
+``ablation.md``) and Table 1 (``model``, ``models.md``; on a cold-start split, ``dataset.split=cold_items``,
+the cold-start table ``cold_start.md``); written by :class:`mllmrec.sweep.summary.SweepSummary`."""
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -48,14 +50,30 @@ def _at(k: int) -> tuple:
     return ((f"R@{k}", f"test/recall@{k}"), (f"N@{k}", f"test/ndcg@{k}"))
 
 
-def tables(spec: EvalSpec) -> tuple:
+def _computed(spec: EvalSpec, names: tuple[str, ...]) -> tuple:
+    """(label, test column) of each of the metric ``names`` that ``spec`` computes."""
+    return tuple((short_label(n), f"test/{n}") for n in names if n in spec.names)
+
+
+def tables(spec: EvalSpec, split: str = "mmrec") -> tuple:
     """(swept key, file stem, row labels, columns, reference row) of the paper's Table 2 (test R/N at
-    the largest cut-off) and Table 1 (test R/N at every cut-off, and a paired t-test of every model
-    against MLLMRec), each with the selecting validation metric."""
+    the largest cut-off) and Table 1 (test R/N at every cut-off; item coverage and the tail group's
+    recall at the largest one where ``eval.metrics`` computes them; a paired t-test of every model
+    against MLLMRec), each with the selecting validation metric. On a cold-start split (``split``
+    ``cold_items``) the model table is the cold-start table ``cold_start`` (R/N at every cut-off,
+    precision, MAP and hit rate at the largest where computed)."""
     selected_by = ((f"val {short_label(spec.select)}", spec.select),)
+    k = max(spec.topk)
+    accuracy = tuple(c for kk in spec.topk for c in _at(kk))
+    if split == "cold_items":
+        model_table = ("model", "cold_start", MODEL_LABELS,
+                       (*accuracy, *_computed(spec, (f"precision@{k}", f"map@{k}", f"hit@{k}")), *selected_by), "mllmrec")
+    else:
+        beyond = _computed(spec, (f"coverage@{k}", f"recall@{k}_head", f"recall@{k}_tail"))
+        model_table = ("model", "models", MODEL_LABELS, (*accuracy, *beyond, *selected_by), "mllmrec")
     return (
-        ("variant", "ablation", VARIANT_LABELS, (*_at(max(spec.topk)), *selected_by), None),
-        ("model", "models", MODEL_LABELS, (*(c for k in spec.topk for c in _at(k)), *selected_by), "mllmrec"),
+        ("variant", "ablation", VARIANT_LABELS, (*_at(k), *selected_by), None),
+        model_table,
     )
 
 
@@ -91,7 +109,7 @@ def comparison_table(cells: pd.DataFrame, sweep_dir: Path, key: str, stem: str, 
     ``metrics`` column of the largest cut-off (:func:`paired_p_values`). Writes ``<stem>.md`` and ``<stem>.csv``."""
     with_n = bool((cells["n"] > 1).any())
     others = [c for c in setting_columns(cells) if c != key and varying(cells, c)]
-    tested = [m for _, m in metrics if m.startswith("test/recall@")][-1:]  # Recall at the largest cut-off
+    tested = [m for _, m in metrics if re.fullmatch(r"test/recall@\d+", m)][-1:]  # Recall at the largest cut-off
     p_values = paired_p_values(jobs, key, reference, tested[0]) if reference and jobs is not None and tested else {}
     p_label = f"p vs {labels.get(reference, reference)} ({short_label(tested[0])})" if p_values else None
     rows, numbers = [], []
