@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from mllmrec.distributed import all_reduce_sum
 from mllmrec.errors import DivergedError
 from mllmrec.metrics import EvalSpec, evaluate_batch, masked_topk, pairs_of_rows
 
@@ -108,13 +109,24 @@ class RankingEvaluation:
         self._count += int(batch["users"].shape[0])
 
     def _evaluation_means(self) -> dict[str, torch.Tensor]:
-        """End the pass: each metric's mean over its users (float64)."""
+        """End the pass: each metric's mean over its users (float64). With several processes (each
+        evaluating its share of the users), the sums and counts of all ranks first (one all-reduce),
+        so every rank gets the exact means over all users."""
         self._eval_reprs = None
-        return {m: self._sums[m] / max(self._count, 1) for m in self.eval_spec.names}
+        names = self.eval_spec.names
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            count = torch.tensor([float(self._count)], dtype=torch.float64, device=self.device)
+            total = all_reduce_sum(torch.cat([torch.stack([self._sums[m] for m in names]), count]), trainer)
+            self._sums, self._count = dict(zip(names, total[:-1])), int(total[-1].item())
+        return {m: self._sums[m] / max(self._count, 1) for m in names}
 
     def end_evaluation(self, prefix: str) -> dict[str, float]:
         """End the pass and log its means as ``<prefix>/<metric>`` (float32, as logged); return them."""
         values = {f"{prefix}/{m}": v.float() for m, v in self._evaluation_means().items()}
+        # several processes: the values are already the same on every rank (all-reduced sums); Lightning's
+        # sync with max keeps them exact and says so (a mean of equal floats need not be exact)
+        synced = {"sync_dist": True, "reduce_fx": "max"} if self.trainer.world_size > 1 else {}
         for name, value in values.items():
-            self.log(name, value, prog_bar=name.endswith(self.eval_spec.valid_metric))
+            self.log(name, value, prog_bar=name.endswith(self.eval_spec.valid_metric), **synced)
         return {k: float(v) for k, v in values.items()}
