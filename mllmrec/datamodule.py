@@ -150,10 +150,11 @@ class RecDataModule(pl.LightningDataModule):
         if world > 1:
             n = self.train_users.numel()
             share = triplet_share(n, rank, world)
-            size = share.stop - share.start
+            per_rank = share.stop - share.start
             log.info("training: rank %d of %d trains on rows [%d, %d) of each epoch's permutation of the %d triplets "
-                     "(%d each; %d left out per epoch), in batches of %d (a step averages %d x %d triplets)", rank,
-                     world, share.start, share.stop, n, size, n - world * size, self.batch_size, world, self.batch_size)
+                     "(%d each; %d left out per epoch), in batches of %d (a step averages %d x %d triplets)",
+                     rank, world, share.start, share.stop, n, per_rank, n - world * per_rank, self.batch_size, world,
+                     self.batch_size)
         self._device = device
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
