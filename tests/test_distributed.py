@@ -203,3 +203,17 @@ def test_both_ranks_resume_from_the_same_last_checkpoint(ddp_runs):
     assert f"resuming from {ckpt} ({trained} epochs trained" in rank1
     metrics = json.loads((out / "run" / "metrics.json").read_text())
     assert metrics["resumed_from"] == str(ckpt) and metrics["epochs"] == 4
+
+
+def test_srun_tasks_of_one_step_share_a_run_dir_stamp(monkeypatch):
+    from mllmrec.config import run_stamp
+
+    for key in ("SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert run_stamp("2026-01-01_00-00-00-000001") == "2026-01-01_00-00-00-000001"  # not under SLURM
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert run_stamp("t") == "t"  # one task (a submitit job of a grid): its own start time
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert run_stamp("t") == "slurm-42.0"
