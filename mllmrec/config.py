@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +37,19 @@ def seed_axis(seeds) -> str:
     return f"range(1,{seeds + 1})"
 
 
+def run_stamp(now: str) -> str:
+    """The last part of a single run's dir (``hydra.run.dir``): ``now``, its start time; but inside an
+    ``srun`` step of several tasks (one training job on several processes), ``slurm-<job id>.<step id>``,
+    the same for every task, whose own start times differ (docs/distributed.md)."""
+    env = os.environ
+    tasks = env.get("SLURM_STEP_NUM_TASKS", "")
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID") and tasks.isdigit() and int(tasks) > 1:
+        return f"slurm-{env['SLURM_JOB_ID']}.{env['SLURM_STEP_ID']}"
+    return now
+
+
+if not OmegaConf.has_resolver("mllmrec_run_stamp"):
+    OmegaConf.register_new_resolver("mllmrec_run_stamp", run_stamp)
 if not OmegaConf.has_resolver("mllmrec_seed_axis"):
     OmegaConf.register_new_resolver("mllmrec_seed_axis", seed_axis)
 if not OmegaConf.has_resolver("mllmrec_datasets"):

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from mllmrec.data import TRAIN, VALID, TEST, RecData
+from mllmrec.distributed import rank_and_world, triplet_share, user_share
 from mllmrec.metrics import make_eval_batch, sorted_contains
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class TripletEpochs:
     """Iterable of (users, positives, negatives) batches; a fresh permutation and negatives per epoch.
 
     The epoch's randomness is seeded by (seed, epoch), so a resumed run draws the same batches.
+    With several processes, each rank takes its share of the epoch's permutation
+    (:func:`mllmrec.distributed.triplet_share`) and draws its negatives for those rows.
     """
 
     def __init__(self, dm: "RecDataModule"):
@@ -55,7 +58,8 @@ class TripletEpochs:
     def __len__(self) -> int:
         if self.dm.epoch_as_one_batch:
             return 1
-        n = self.dm.train_users.numel()
+        share = triplet_share(self.dm.train_users.numel(), *rank_and_world(self.dm.trainer))
+        n = share.stop - share.start
         return (n + self.dm.batch_size - 1) // self.dm.batch_size
 
     def __iter__(self):
@@ -66,6 +70,7 @@ class TripletEpochs:
         gen = torch.Generator(device=device)
         gen.manual_seed(int(dm.seed) * 1_000_003 + int(epoch))
         perm = torch.randperm(dm.train_users.numel(), generator=gen, device=device)
+        perm = perm[triplet_share(perm.numel(), *rank_and_world(dm.trainer))]  # several processes: this rank's
         users = dm.train_users[perm]
         pos = dm.train_items[perm]
         neg = sample_negatives(users, dm.train_keys, dm.n_items, gen, pool=dm.negative_pool)
@@ -137,17 +142,32 @@ class RecDataModule(pl.LightningDataModule):
         # GPU: large blocks keep the device busy
         size = self.eval_batch_size
         size = (256 if device.type == "cpu" else 8192) if size == "auto" else int(size)
+        rank, world = rank_and_world(self.trainer)
         self.eval_batches = {}
         for name, code in (("valid", VALID), ("test", TEST)):
             heldout = d.split_matrix(code)
-            users = self.eval_users(code)
+            everyone = self.eval_users(code)
+            users = user_share(everyone, rank, world)  # several processes: this rank's users (metrics all-reduced)
             batches = []
             exclude = d.non_candidates(code)  # a cold-start split ranks its cold items only
             for start in range(0, len(users), size):
                 b = make_eval_batch(users[start : start + size], train, heldout, exclude)
                 batches.append({**{k: v.to(device) for k, v in b.items()}, "item_pop": item_pop})
             self.eval_batches[name] = batches
-            log.info("%s: %d users evaluated in %d batch(es)", name, len(users), len(batches))
+            if world == 1:
+                log.info("%s: %d users evaluated in %d batch(es)", name, len(users), len(batches))
+            else:
+                log.info("%s: rank %d of %d evaluates %d of the %d users (ids %d..%d) in %d batch(es)", name,
+                         rank, world, len(users), len(everyone), users[0] if len(users) else -1,
+                         users[-1] if len(users) else -1, len(batches))
+        if world > 1:
+            n = self.train_users.numel()
+            share = triplet_share(n, rank, world)
+            per_rank = share.stop - share.start
+            log.info("training: rank %d of %d trains on rows [%d, %d) of each epoch's permutation of the %d triplets "
+                     "(%d each; %d left out per epoch), in batches of %d (a step averages %d x %d triplets)",
+                     rank, world, share.start, share.stop, n, per_rank, n - world * per_rank, self.batch_size, world,
+                     self.batch_size)
         self._device = device
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from mllmrec.distributed import all_reduce_sum
 from mllmrec.errors import DivergedError
 from mllmrec.metrics import EvalSpec, batch_sums, finalize, masked_topk, pairs_of_rows, popularity_groups, zero_sums
 
@@ -117,13 +118,28 @@ class RankingEvaluation:
         self._count += int(batch["users"].shape[0])
 
     def _evaluation_means(self) -> dict[str, torch.Tensor]:
-        """End the pass: each metric from the pass's sums (float64; per-user metrics: the mean over the users)."""
+        """End the pass: each metric from the pass's sums (float64; per-user metrics: the mean over the users).
+        With several processes (each evaluating its share of the users), every sum (scalars, group counts,
+        item-count vectors) and the count of all ranks first, in one all-reduce, so every rank gets the
+        exact metrics over all users."""
         self._eval_reprs = None
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            keys = list(self._sums)
+            flat = [self._sums[k].reshape(-1) for k in keys]
+            count = torch.tensor([float(self._count)], dtype=torch.float64, device=self.device)
+            total = all_reduce_sum(torch.cat([*flat, count]), trainer)
+            parts = torch.split(total[:-1], [f.numel() for f in flat])
+            self._sums = {k: part.reshape(self._sums[k].shape) for k, part in zip(keys, parts)}
+            self._count = int(total[-1].item())
         return finalize(self._sums, self._count, self.eval_spec)
 
     def end_evaluation(self, prefix: str) -> dict[str, float]:
         """End the pass and log its means as ``<prefix>/<metric>`` (float32, as logged); return them."""
         values = {f"{prefix}/{m}": v.float() for m, v in self._evaluation_means().items()}
+        # several processes: the values are already the same on every rank (all-reduced sums); Lightning's
+        # sync with max keeps them exact and says so (a mean of equal floats need not be exact)
+        synced = {"sync_dist": True, "reduce_fx": "max"} if self.trainer.world_size > 1 else {}
         for name, value in values.items():
-            self.log(name, value, prog_bar=name.endswith(self.eval_spec.valid_metric))
+            self.log(name, value, prog_bar=name.endswith(self.eval_spec.valid_metric), **synced)
         return {k: float(v) for k, v in values.items()}

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mllmrec import config as mconfig
+from mllmrec.distributed import RunDirCheck, check_supported, is_rank_zero, strategy_override
 from mllmrec.errors import MLLMRecError, one_line, report_errors
 from mllmrec.launch import trainer_placement
 from mllmrec.llm.runner import ShardDone
@@ -68,15 +69,19 @@ def train(cfg: DictConfig) -> dict:
     try:
         metrics = _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir, fingerprint)
     finally:
-        finish_loggers(loggers, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        if is_rank_zero():  # several processes: rank 0's loggers write (Lightning's own rule)
+            finish_loggers(loggers, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     return metrics
 
 
 def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: Path, fingerprint: str) -> dict:
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **trainer_placement(cfg))
-
+    # every rank decides what to resume from before rank 0 writes this config's fingerprint (RunDirCheck,
+    # once all ranks have started fit): a rank that started later must not read the new fingerprint
     resume_from = resume_checkpoint(cfg, out_dir, fingerprint)
-    write_fingerprint(out_dir, cfg, fingerprint)
+    run_dir_check = RunDirCheck(out_dir, lambda: write_fingerprint(out_dir, cfg, fingerprint))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, run_dir_check], logger=loggers or False,
+                                      **trainer_placement(cfg), **strategy_override(cfg.trainer, model))
+    check_supported(trainer, model)  # several processes: one line before training when they cannot
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     fit_seconds = time.perf_counter() - start
@@ -105,6 +110,12 @@ def _fit_and_test(cfg, inputs, datamodule, model, callbacks, loggers, out_dir: P
         "device": str(trainer.strategy.root_device),
         "artifacts": {name: str(a.path) for name, a in inputs.artifacts.items()},
     }
+    if trainer.world_size > 1:
+        metrics["processes"] = int(trainer.world_size)
+        if not trainer.is_global_zero:  # rank 0 writes metrics.json and logs the run's line
+            log.info("rank %d of %d done; rank 0 writes %s", trainer.global_rank, trainer.world_size,
+                     out_dir / "metrics.json")
+            return metrics
     write_metrics(out_dir, metrics)
     spec = model.eval_spec
     tested = " ".join(f"{short_label(m)} {metrics[m]:.4f}" for m in spec.columns("test"))
@@ -122,11 +133,13 @@ def main(cfg: DictConfig) -> float:
         return float(metrics[EvalSpec.from_config(cfg.get("eval")).select])
     except ShardDone as done:  # llm.shard: this job generated its share; training waits for the merge
         log.info("%s", done)
-        write_metrics(run_dir(), {"status": "shard_done", "message": str(done)})
+        if is_rank_zero():
+            write_metrics(run_dir(), {"status": "shard_done", "message": str(done)})
         return float("nan")
     except Exception as exc:
         message = one_line(exc)
-        write_metrics(run_dir(), {"status": "failed", "error": f"{type(exc).__name__}: {message}"})
+        if is_rank_zero():  # several processes: rank 0's metrics.json only
+            write_metrics(run_dir(), {"status": "failed", "error": f"{type(exc).__name__}: {message}"})
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # keep the sweep going: the summary marks this job failed, the others' results stand
             log.error("job failed: %s", message, exc_info=not isinstance(exc, MLLMRecError))

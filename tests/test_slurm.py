@@ -289,3 +289,42 @@ def test_without_the_check_a_job_slurm_will_never_start_cancels_the_grid_at_once
     assert "cancelled the grid" in str(err.value) and time.time() - began < 30
     time.sleep(1)
     assert squeue(jobs[0].job_id)[0] == "CANCELLED"
+
+
+def test_srun_two_tasks_train_one_job(tiny_dir, tmp_path):
+    """One training job on 2 processes under SLURM (docs/distributed.md): ``srun`` starts 2 tasks inside
+    an sbatch allocation, Lightning's SLURMEnvironment ranks them, both meet in the run dir
+    ``slurm-<job>.<step>`` (no hydra.run.dir given), rank 0 alone writes metrics.json, whose metrics are
+    the 1-process evaluation of the best checkpoint to the last bit."""
+    import shlex
+
+    import numpy as np
+
+    from mllmrec.datamodule import RecDataModule
+    from mllmrec.runs import load_run
+
+    args = tiny_overrides(tmp_path, "trainer.enable_progress_bar=false", "logger=none", "trainer.max_epochs=2",
+                          "trainer.devices=2", "trainer.strategy=ddp", data_dir=tiny_dir, cache=tmp_path / "cache")
+    script = tmp_path / "ddp.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --mem=3G --time=00:20:00\n"
+                      f"#SBATCH --output={tmp_path}/slurm-%j.out\n"
+                      f"srun {shlex.quote(sys.executable)} -m mllmrec.train {' '.join(map(shlex.quote, args))}\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run(["sbatch", "--parsable", "--wait", f"--chdir={tmp_path}", str(script)], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    job = proc.stdout.strip().split(";")[0]
+    log = (tmp_path / f"slurm-{job}.out").read_text() if job else proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in log and "sync_dist" not in log
+    assert log.count("best epoch") == 1 and "rank 1 of 2 done; rank 0 writes" in log
+    runs = sorted((tmp_path / "runs" / "tiny").iterdir())
+    assert [r.name for r in runs] == [f"slurm-{job}.0"]  # both tasks in one run dir
+    m = json.loads((runs[0] / "metrics.json").read_text())
+    assert m["status"] == "completed" and m["processes"] == 2 and m["epochs"] == 2
+    run = load_run(runs[0])
+    dm = RecDataModule(seed=int(run.cfg.seed)).attach(run.inputs.data)
+    dm.setup()
+    alone = run.model.evaluate(dm.eval_batches["test"])
+    for key in (k for k in METRICS if k.startswith("test/")):
+        assert m[key] == float(np.float32(alone[key.removeprefix("test/")])), key  # logged as float32

@@ -61,6 +61,9 @@ class RankingModule(RankingEvaluation, pl.LightningModule):
     """
 
     needs: ClassVar[str] = "ids"  # the inputs the pipeline prepares: "ids" | "features" | "modalities"
+    # several processes (mllmrec/distributed.py): True for a model that leaves some parameters without
+    # gradient in some steps (DDP then needs find_unused_parameters=True, which costs a graph traversal)
+    ddp_find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, optimizer: OptimizerFactory | None = None):
         super().__init__()
@@ -84,8 +87,14 @@ class RankingModule(RankingEvaluation, pl.LightningModule):
     def training_step(self, batch, batch_idx):
         users, pos, neg = batch
         loss = self.batch_loss(users, pos, neg)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=users.shape[0])
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=users.shape[0],
+                 sync_dist=self.trainer.world_size > 1)  # several processes: the mean of the ranks' equal shares
         return loss
+
+    def distributed_refusal(self, trainer: pl.Trainer) -> str | None:
+        """Why this model cannot train on several processes (one line), or None when it can
+        (mllmrec/distributed.py; checked before training)."""
+        return None
 
     def configure_optimizers(self):
         return self.optimizer_factory(self.parameters())

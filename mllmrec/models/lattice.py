@@ -46,6 +46,9 @@ class LATTICEModule(RankingModule):
     """``optimizer`` None: Adam at MMRec's lr 5e-4; ``lr_decay``/``lr_decay_epochs``: its schedule."""
 
     needs: ClassVar[str] = "modalities"
+    # the item graph is learned on an epoch's first batch only (later ones reuse it detached), and
+    # modal_weight gets no gradient with one modality: DDP must find the unused parameters
+    ddp_find_unused_parameters: ClassVar[bool] = True
 
     def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64,
                  feat_embed_dim: int = 64, knn_k: int = 10, lambda_coeff: float = 0.9, item_layers: int = 1,

@@ -114,7 +114,10 @@ class MLLMRecModule(RankingModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        use, capture = resolve_mode(self.hparams.cuda_graphs, self.trainer.strategy.root_device, self.ui_layers)
+        mode = self.hparams.cuda_graphs
+        if self.trainer.world_size > 1 and str(mode).lower() == "auto":  # several processes: the normal step
+            mode = False
+        use, capture = resolve_mode(mode, self.trainer.strategy.root_device, self.ui_layers)
         self._static = StaticStep(self, capture) if use else None
         self.automatic_optimization = not use  # the step drives Adam itself (manual optimisation)
         dm = self.trainer.datamodule
@@ -122,6 +125,12 @@ class MLLMRecModule(RankingModule):
         if dm is not None and hasattr(dm, "epoch_as_one_batch"):
             dm.epoch_as_one_batch = use
             self._steps_of = int(dm.batch_size) if use else None
+
+    def distributed_refusal(self, trainer) -> str | None:
+        if str(self.hparams.cuda_graphs).lower() == "true":
+            return ("model.cuda_graphs=true: the static-shape step drives Adam itself, outside DDP's gradient "
+                    "averaging (model.cuda_graphs=false or auto)")
+        return None
 
     def configure_optimizers(self):
         if self._static is None:

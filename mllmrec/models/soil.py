@@ -255,6 +255,9 @@ class SOILModule(RankingModule):
     """``knn_i``/``knn_a`` None: the official per-dataset values (see the module doc)."""
 
     needs: ClassVar[str] = "modalities"
+    # the attention over modalities and a missing modality's mapping get no gradient in some
+    # configurations (one modality, e.g. office's text): DDP must find the unused parameters
+    ddp_find_unused_parameters: ClassVar[bool] = True
 
     def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64,
                  n_ui_layers: int = 2, n_layers: int = 1, knn_k: int = 10, knn_i: int | None = None,
