@@ -308,3 +308,8 @@ PIECES = {
     "eval_ours": piece_eval_ours,
     "grid": piece_grid,
 }
+
+# the stages of mllmrec.bench.scale, run by the same child process
+from mllmrec.bench.scale_pieces import SCALE_PIECES  # noqa: E402
+
+PIECES.update(SCALE_PIECES)
