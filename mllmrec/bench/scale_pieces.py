@@ -31,6 +31,16 @@ import numpy as np
 
 
 def rss_mb() -> dict:
+    """The peak RSS of this process: VmHWM, the high-water mark of its own address space (getrusage's
+    ru_maxrss is not: a child started by fork + exec inherits its parent's peak, here the driver's,
+    which may have generated a large dataset)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return {"peak_rss_mb": int(line.split()[1]) / 1024.0}
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
 
