@@ -185,8 +185,8 @@ def _fmt(v, digits=1):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| size (asked) | users | items | train | model | stage | seconds | peak RSS MB | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size (asked) | users | items | train | model | stage | seconds | CPU s | peak RSS MB | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = r.get("error") or ""
         if r.get("extrapolated") and r["stage"] == "epoch":
@@ -196,7 +196,7 @@ def markdown(rows: list[dict]) -> str:
         if r["stage"] == "eval" and "test/recall@20" in r:
             note += f"test R@20 {r['test/recall@20']:.4f}" + ("" if r.get("after_one_epoch", True) else " (untrained)")
         lines.append(f"| {r['size']} | {r['n_users']:,} | {r['n_items']:,} | {r['train_interactions']:,} | {r['model']} "
-                     f"| {r['stage']} | {_fmt(r['seconds'])} | {_fmt(r['peak_rss_mb'], 0)} | {note} |")
+                     f"| {r['stage']} | {_fmt(r['seconds'])} | {_fmt(r.get('cpu_seconds'))} | {_fmt(r['peak_rss_mb'], 0)} | {note} |")
     t, m = fitted_slopes(rows, "seconds"), fitted_slopes(rows, "peak_rss_mb")
     lines += ["", "Fitted log-log slopes against training interactions:", "",
               "| model | stage | time slope | peak RSS slope |", "|---|---|---|---|"]

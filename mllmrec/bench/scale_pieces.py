@@ -1,6 +1,7 @@
 """The measured stages of :mod:`mllmrec.bench.scale`, each run alone in a fresh interpreter
 (:mod:`mllmrec.bench.child`) so that its peak RSS is its own. Each returns a JSON-able dict with
-``seconds`` (the stage's own work, timed inside the process) and ``peak_rss_mb`` (the whole process:
+``seconds`` (the stage's own work, wall time inside the process), ``cpu_seconds`` (its CPU time, all
+threads: less sensitive to other work on a shared machine) and ``peak_rss_mb`` (the whole process:
 interpreter, imports, the inputs it reads and the stage), plus ``rss_before_mb`` (the same just before
 the stage's work) where it helps.
 
@@ -60,13 +61,13 @@ def _data(work: str):
 def piece_load(work, data_dir, name, **_):
     from mllmrec.data import load_dataset
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     data = load_dataset(name, data_dir)
     train = data.train_matrix
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     np.savez(Path(work) / "data.npz", name=data.name, n_users=data.n_users, n_items=data.n_items,
              users=data.users, items=data.items, split=data.split)
-    return {"seconds": seconds, **rss_mb(), "n_users": data.n_users, "n_items": data.n_items,
+    return {"seconds": seconds, "cpu_seconds": cpu, **rss_mb(), "n_users": data.n_users, "n_items": data.n_items,
             "n_interactions": int(len(data.users)), "train_interactions": int(train.nnz)}
 
 
@@ -75,11 +76,11 @@ def piece_knn(work, features, k_s=10, knn="exact", nlist=None, nprobe=None, **_)
 
     feats = np.load(features)
     before = current_rss_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     idx, sim = knn_candidates(feats, k_s, progress=False, method=knn, nlist=nlist, nprobe=nprobe)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     np.savez(Path(work) / "knn.npz", idx=idx, sim=sim)
-    return {"seconds": seconds, **rss_mb(), "rss_before_mb": before, "knn": knn}
+    return {"seconds": seconds, "cpu_seconds": cpu, **rss_mb(), "rss_before_mb": before, "knn": knn}
 
 
 def piece_cooccurrence(work, k_c=10, **_):
@@ -89,11 +90,11 @@ def piece_cooccurrence(work, k_c=10, **_):
 
     train = _data(work).train_matrix
     before = current_rss_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     cooc = cooccurrence_topk(train, k_c, progress=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     sp.save_npz(Path(work) / "cooc.npz", cooc)
-    return {"seconds": seconds, **rss_mb(), "rss_before_mb": before, "edges": int(cooc.nnz),
+    return {"seconds": seconds, "cpu_seconds": cpu, **rss_mb(), "rss_before_mb": before, "edges": int(cooc.nnz),
             "sum_user_degree_sq": float((np.diff(train.indptr).astype(np.float64) ** 2).sum())}
 
 
@@ -106,12 +107,12 @@ def piece_graph(work, features, alpha=0.7, layers=1, **_):
     cooc = sp.load_npz(Path(work) / "cooc.npz")
     feats = np.load(features)
     before = current_rss_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     adj = refine_item_graph(knn["idx"], knn["sim"], cooc, alpha)
     e_star = propagate(sym_normalize(adj), feats, layers)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     np.save(Path(work) / "e_star.npy", e_star)
-    return {"seconds": seconds, **rss_mb(), "rss_before_mb": before, "edges": int(adj.nnz)}
+    return {"seconds": seconds, "cpu_seconds": cpu, **rss_mb(), "rss_before_mb": before, "edges": int(adj.nnz)}
 
 
 # ---------------------------------------------------------------------------- models
@@ -178,7 +179,7 @@ def piece_epoch(work, data_dir, model, seed=0, budget_s=600.0, knn="exact", **_)
     batches = dm.train_dataloader()
     total = len(batches)
     steps = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     hook = getattr(net, "on_train_epoch_start", None)
     if hook is not None:
         hook()
@@ -190,11 +191,11 @@ def piece_epoch(work, data_dir, model, seed=0, budget_s=600.0, knn="exact", **_)
         steps += 1
         if time.perf_counter() - start > budget_s and steps < total:
             break
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     done = steps == total
     if done:
         torch.save(net.state_dict(), Path(work) / f"{model}.pt")
-    return {"seconds": elapsed * total / steps, "measured_seconds": elapsed, "steps": steps, "steps_total": total,
+    return {"seconds": elapsed * total / steps, "measured_seconds": elapsed, "cpu_seconds": cpu * total / steps, "steps": steps, "steps_total": total,
             "extrapolated": not done, "loss": float(loss.detach()), "build_seconds": build_s,
             "build_peak_rss_mb": build_peak, "setup_seconds": setup_s, "rss_before_mb": before, **rss_mb()}
 
@@ -221,18 +222,19 @@ def piece_eval(work, data_dir, model, seed=0, budget_s=600.0, knn="exact", **_):
     batches = _eval_batches(dm)
     total = sum(int(b["users"].numel()) for b in batches)
     with torch.no_grad():
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         net.begin_evaluation()  # the representation pass, once
-        repr_s = time.perf_counter() - start
-        start, done = time.perf_counter(), 0
+        repr_s, repr_cpu = time.perf_counter() - start, time.process_time() - cpu
+        start, cpu, done = time.perf_counter(), time.process_time(), 0
         for batch in batches:
             net.evaluation_step(batch)
             done += int(batch["users"].numel())
             if time.perf_counter() - start > budget_s and done < total:
                 break
-        loop_s = time.perf_counter() - start
+        loop_s, loop_cpu = time.perf_counter() - start, time.process_time() - cpu
         metrics = {k: float(v) for k, v in net._evaluation_means().items()}
     return {"seconds": repr_s + loop_s * total / done, "measured_seconds": repr_s + loop_s, "extrapolated": done < total,
+            "cpu_seconds": repr_cpu + loop_cpu * total / done,
             "users": total, "users_done": done, "representations_seconds": repr_s, **rss_mb(), "rss_before_mb": before,
             "setup_seconds": setup_s, "setup_peak_rss_mb": setup_peak, "after_one_epoch": trained,
             **{f"test/{k}": v for k, v in metrics.items()}}
@@ -253,7 +255,7 @@ def piece_pop(work, data_dir, seed=0, budget_s=600.0, **_):
     spec = EvalSpec.default()
     sums, n = {}, 0
     total = sum(int(b["users"].numel()) for b in dm.eval_batches["test"])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for batch in dm.eval_batches["test"]:
         scores = score.expand(batch["users"].numel(), -1).clone()
         for m, v in evaluate_batch(scores, batch, spec.topk).items():
@@ -261,8 +263,8 @@ def piece_pop(work, data_dir, seed=0, budget_s=600.0, **_):
         n += int(batch["users"].numel())
         if time.perf_counter() - start > budget_s and n < total:
             break
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds * total / n, "measured_seconds": seconds, "extrapolated": n < total, "users": total,
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"seconds": seconds * total / n, "measured_seconds": seconds, "cpu_seconds": cpu * total / n, "extrapolated": n < total, "users": total,
             "users_done": n, **rss_mb(), **{f"test/{m}": v / max(n, 1) for m, v in sums.items()}}
 
 
