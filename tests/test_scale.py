@@ -164,7 +164,7 @@ def test_slopes_table_and_plot(tmp_path):
     scale.save(rows, tmp_path)
     assert json.loads((tmp_path / "scale.json").read_text()) == rows
     md = (tmp_path / "scale.md").read_text()
-    assert "killed by signal 9" in md and "| mllmrec | knn | 1.00 | 0.30 |" in md and "| CPU s |" in md
+    assert "killed by signal 9" in md and "| mllmrec | knn | 1.00 | - | 0.30 |" in md and "| CPU s |" in md
     assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

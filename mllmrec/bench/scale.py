@@ -195,13 +195,15 @@ def markdown(rows: list[dict]) -> str:
             note = f"extrapolated from {r['users_done']:,} of {r['users']:,} users ({r['measured_seconds']:.0f} s); "
         if r["stage"] == "eval" and "test/recall@20" in r:
             note += f"test R@20 {r['test/recall@20']:.4f}" + ("" if r.get("after_one_epoch", True) else " (untrained)")
+        if r.get("note"):  # a remark added to the row afterwards (e.g. docs/scale.md's merged runs)
+            note = f"{note}; {r['note']}" if note else r["note"]
         lines.append(f"| {r['size']} | {r['n_users']:,} | {r['n_items']:,} | {r['train_interactions']:,} | {r['model']} "
                      f"| {r['stage']} | {_fmt(r['seconds'])} | {_fmt(r.get('cpu_seconds'))} | {_fmt(r['peak_rss_mb'], 0)} | {note} |")
-    t, m = fitted_slopes(rows, "seconds"), fitted_slopes(rows, "peak_rss_mb")
+    t, c, m = (fitted_slopes(rows, k) for k in ("seconds", "cpu_seconds", "peak_rss_mb"))
     lines += ["", "Fitted log-log slopes against training interactions:", "",
-              "| model | stage | time slope | peak RSS slope |", "|---|---|---|---|"]
+              "| model | stage | time slope | CPU time slope | peak RSS slope |", "|---|---|---|---|---|"]
     for name in sorted(set(t) | set(m)):
-        lines.append(f"| {name[0]} | {name[1]} | {_fmt(t.get(name), 2)} | {_fmt(m.get(name), 2)} |")
+        lines.append(f"| {name[0]} | {name[1]} | {_fmt(t.get(name), 2)} | {_fmt(c.get(name), 2)} | {_fmt(m.get(name), 2)} |")
     return "\n".join(lines) + "\n"
 
 
