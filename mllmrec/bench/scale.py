@@ -226,7 +226,10 @@ def plot(rows: list[dict], path: Path) -> None:
             pts = sorted(pts)
             slope = slopes.get((model, stage))
             name = f"{model}/{stage}" + ("" if slope is None else f" ({slope:.2f})")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            stages = GRAPH_STAGES + MODEL_STAGES
+            color = plt.get_cmap("tab10")(stages.index(stage) % 10 if stage in stages else 9)
+            style = {"lightgcn": "--", "freedom": ":", "pop": "-."}.get(model, "-")  # color: stage, line: model
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, linestyle=style, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("training interactions")
