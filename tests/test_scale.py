@@ -170,20 +170,20 @@ def test_slopes_table_and_plot(tmp_path):
 
 @pytest.mark.slow
 def test_cli_writes_scale_json(tmp_path):
-    """The CLI as the checks call it: one tiny size, two models; every stage in its own process."""
+    """The CLI as the checks call it: one tiny size, one cheap model (the graph stages run only with
+    mllmrec; every stage's piece is tested in process above); each stage in its own process."""
     import subprocess
     import sys
 
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "mllmrec.bench.scale", "sizes=[300x200x3600]", "models=[mllmrec,bpr]",
-                           f"out={out}", "knn=exact", "pop=false", "plot=false"], capture_output=True, text=True,
-                          timeout=1800)
+    proc = subprocess.run([sys.executable, "-m", "mllmrec.bench.scale", "sizes=[300x200x3600]", "models=[bpr]",
+                           f"out={out}", "pop=false", "plot=false"], capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads((out / "scale.json").read_text())
-    stages = {(r["model"], r["stage"]) for r in rows}
-    assert {("all", "load"), ("mllmrec", "knn"), ("mllmrec", "cooccurrence"), ("mllmrec", "graph"),
-            ("mllmrec", "epoch"), ("mllmrec", "eval"), ("bpr", "epoch"), ("bpr", "eval")} <= stages
+    assert {(r["model"], r["stage"]) for r in rows} == {("all", "load"), ("bpr", "build"), ("bpr", "epoch"),
+                                                        ("bpr", "eval")}
     for r in rows:
         assert {"users", "items", "interactions", "model", "stage", "seconds", "peak_rss_mb"} <= set(r)
         assert (r["users"], r["items"], r["interactions"]) == (300, 200, 3600)
         assert "error" not in r and r["seconds"] >= 0 and r["peak_rss_mb"] > 0
+    assert (out / "scale.md").is_file()
