@@ -153,7 +153,7 @@ def run_scale(cfg, out: Path, on_row=None) -> list[dict]:
                 add(size, summary, model, "epoch", res)
             add(size, summary, model, "eval", run_stage("scale_eval", timeout, model=model, knn=str(cfg.knn),
                                                         budget_s=float(cfg.eval_budget_s), **common))
-        if cfg.pop:
+        if cfg["pop"]:  # not cfg.pop: that is DictConfig.pop, a method
             add(size, summary, "pop", "eval", run_stage("scale_pop", timeout, budget_s=float(cfg.eval_budget_s), **common))
         if not cfg.keep_work:
             shutil.rmtree(work, ignore_errors=True)
