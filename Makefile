@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install run test bench bench-gpu gpu-check clean help install-llm test-llm slurm-up slurm-down test-slurm
+.PHONY: install run test bench bench-scale bench-gpu gpu-check clean help install-llm test-llm slurm-up slurm-down test-slurm
 
 help:
 	@echo "make install  create $(VENV) with everything the default run and the tests need"
@@ -19,6 +19,7 @@ help:
 	@echo "make test     run the test suite"
 	@echo "make bench    speed/memory benchmarks vs the official algorithm (DATA_ROOT=$(DATA_ROOT))"
 	@echo "make bench-gpu  the same on CUDA"
+	@echo "make bench-scale  time and peak RSS of every stage on synthetic data, sports' shape to 1M users (docs/scale.md)"
 	@echo "make gpu-check  CUDA tests + bench-gpu + the sports grid + the zoo on GPU (scripts/gpu_check.sh)"
 	@echo "make install-llm  create $(LLM_VENV) with vLLM (CPU build) and the converted SmolLM2 test model"
 	@echo "make test-llm  the tests that run the real vLLM engine (installs first)"
@@ -57,6 +58,15 @@ DATA_ROOT ?= $(if $(MLLMREC_DATA_ROOT),$(MLLMREC_DATA_ROOT),../shared/datasets)
 
 bench: $(STAMP)
 	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) $(ARGS)
+
+# the scale ladder (docs/scale.md): USERSxITEMSxINTERACTIONS (rows asked of the synthetic generator);
+# the largest is ~1,000,000 users x 200,000 items x 10,000,000 training interactions
+SCALE_SIZES  ?= [35600x18400x296000,100000x40000x1000000,300000x90000x3800000,1000000x200000x13500000]
+SCALE_MODELS ?= [mllmrec,lightgcn,freedom]
+SCALE_OUT    ?= outputs/scale
+
+bench-scale: $(STAMP)
+	$(PY) -m mllmrec.bench.scale sizes=$(SCALE_SIZES) models=$(SCALE_MODELS) out=$(SCALE_OUT) $(ARGS)
 
 bench-gpu: $(STAMP)
 	$(PY) -m mllmrec.bench data_root=$(DATA_ROOT) device=cuda $(ARGS)

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import hashlib
-import resource
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ FEATURE_DIM = 384
 
 def peak_mb() -> dict:
     """Peak RSS of this process in MB, plus the peak CUDA allocation when the piece used a GPU."""
-    out = {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    from mllmrec.bench.scale_pieces import rss_mb
+
+    out = {"peak_mb": rss_mb()["peak_rss_mb"]}  # VmHWM: ru_maxrss would include the driver's peak (fork)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -386,3 +387,8 @@ PIECES = {
     "eval_ours": piece_eval_ours,
     "grid": piece_grid,
 }
+
+# the stages of mllmrec.bench.scale, run by the same child process
+from mllmrec.bench.scale_pieces import SCALE_PIECES  # noqa: E402
+
+PIECES.update(SCALE_PIECES)

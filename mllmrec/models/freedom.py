@@ -31,9 +31,11 @@ from mllmrec.models.losses import bpr_logsigmoid
 from mllmrec.models.modalities import require_modalities
 
 
-def mixed_modality_graph(modalities: dict, k: int, image_weight: float, train_matrix, refine, weighted=False):
-    """The modality graphs mixed with ``image_weight`` (one modality: its graph alone)."""
-    graphs = {m: model_item_graph(f, k, train_matrix, refine, weighted) for m, f in modalities.items()}
+def mixed_modality_graph(modalities: dict, k: int, image_weight: float, train_matrix, refine, weighted=False,
+                         knn: str = "exact"):
+    """The modality graphs mixed with ``image_weight`` (one modality: its graph alone); ``knn``: how the
+    candidates are searched (``graph.knn``: exact, or FAISS ivf at 100k+ items)."""
+    graphs = {m: model_item_graph(f, k, train_matrix, refine, weighted, knn) for m, f in modalities.items()}
     if len(graphs) == 1:
         return next(iter(graphs.values()))
     return (image_weight * graphs["image"] + (1.0 - image_weight) * graphs["text"]).tocsr()
@@ -53,7 +55,8 @@ class FREEDOMModule(RankingModule):
     def __init__(self, inputs: Inputs, optimizer: OptimizerFactory | None = None, d: int = 64,
                  feat_embed_dim: int = 64, knn_k: int = 10, mm_layers: int = 1, ui_layers: int = 2,
                  mm_image_weight: float = 0.1, dropout: float = 0.8, reg_weight: float = 1e-4,
-                 refine: bool = False, alpha: float = 0.7, k_c: int = 10, denoise: bool = True, enhance: bool = True):
+                 refine: bool = False, alpha: float = 0.7, k_c: int = 10, denoise: bool = True, enhance: bool = True,
+                 knn: str = "exact"):
         super().__init__(optimizer)
         modalities, n_users, n_items = inputs.modalities, inputs.data.n_users, inputs.data.n_items
         require_modalities(modalities, "FREEDOM")
@@ -65,7 +68,8 @@ class FREEDOMModule(RankingModule):
         self.train_csr = sp.csr_matrix(inputs.data.train_matrix, dtype=np.float32)
         self.user_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_users, d)))
         self.item_emb = nn.Parameter(nn.init.xavier_uniform_(torch.empty(n_items, d)))
-        self.mm_adj = EdgeGraph(mixed_modality_graph(modalities, knn_k, mm_image_weight, self.train_csr, self.refine))
+        self.mm_adj = EdgeGraph(mixed_modality_graph(modalities, knn_k, mm_image_weight, self.train_csr, self.refine,
+                                                        knn=knn))
         self.feat = nn.ParameterDict({m: nn.Parameter(torch.from_numpy(f.copy())) for m, f in modalities.items()})
         self.trs = nn.ModuleDict({m: nn.Linear(f.shape[1], feat_embed_dim) for m, f in modalities.items()})
         self.norm_adj = bipartite_norm_adj(self.train_csr)

@@ -28,14 +28,14 @@ def weighted_knn(knn_idx: np.ndarray, knn_sim: np.ndarray) -> sp.csr_matrix:
 
 
 def model_item_graph(features: np.ndarray, k: int, train_matrix: sp.spmatrix | None = None,
-                     refine: dict | None = None, weighted: bool = False) -> sp.csr_matrix:
+                     refine: dict | None = None, weighted: bool = False, knn: str = "exact") -> sp.csr_matrix:
     """A model's normalised modality item graph, from its own cosine top-k candidates.
 
     ``refine=None``: the model's own graph, binary (FREEDOM) or similarity-weighted (LATTICE),
     the item itself included as in their code. ``refine={alpha, k_c, denoise, enhance}``:
     ``refine_item_graph`` on the same candidates (MLLMRec's Eq. 7-10), then the same normalisation.
     """
-    idx, sim = knn_candidates(features, k, progress=False)
+    idx, sim = knn_candidates(features, k, progress=False, method=knn)
     if refine:
         cooc = None
         if refine.get("enhance", True):

@@ -27,11 +27,12 @@ ADJACENCY = "adjacency.npz"
 def run(g, data: RecData, cache: ArtifactCache, features: np.ndarray, features_key: str) -> Artifact:
     """``g``: the ``graph`` node; ``features``: the item embeddings e_i (the encode artifact
     ``features_key``)."""
+    method = str(g.get("knn", "exact"))
     knn = cache.fetch(
         "graph-knn",
-        {"k_s": int(g.k_s)},
+        {"k_s": int(g.k_s), **({"knn": method} if method != "exact" else {})},
         {"features": features_key},
-        lambda out: _build_knn(out, features, int(g.k_s), _device(g.get("device", "auto"))),
+        lambda out: _build_knn(out, features, int(g.k_s), _device(g.get("device", "auto")), method),
     )
     cooc = None
     if g.enhance:
@@ -81,8 +82,8 @@ def _device(name: str) -> str:
     return name
 
 
-def _build_knn(out, features, k_s, device):
-    idx, sim = knn_candidates(features, k_s, device=device)
+def _build_knn(out, features, k_s, device, method="exact"):
+    idx, sim = knn_candidates(features, k_s, device=device, method=method)
     np.save(out / "knn_idx.npy", idx.astype(np.int32))
     np.save(out / "knn_sim.npy", sim)
     return {"items": int(idx.shape[0]), "k": int(idx.shape[1])}
