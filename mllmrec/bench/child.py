@@ -5,6 +5,9 @@ import logging
 import sys
 
 from mllmrec.bench.pieces import PIECES
+from mllmrec.bench.profile import piece_profile_step
+
+PIECES = {**PIECES, "profile_step": piece_profile_step}
 
 if __name__ == "__main__":
     logging.disable(logging.WARNING)

@@ -139,25 +139,31 @@ def run_scale(cfg, out: Path, on_row=None) -> list[dict]:
                 graph_error = graph_error or (f"{stage} failed" if "error" in result else None)
                 add(size, summary, "mllmrec", stage, result)
         for model in models:
-            if model == "mllmrec" and graph_error:
-                for stage in MODEL_STAGES:
-                    add(size, summary, model, stage, {"error": f"skipped: {graph_error}"})
-                continue
-            res = run_stage("scale_epoch", timeout, model=model, budget_s=float(cfg.epoch_budget_s), knn=str(cfg.knn),
-                            **common)
-            if "error" in res:
-                add(size, summary, model, "build", res)
-                add(size, summary, model, "epoch", {"error": "skipped: build or epoch failed"})
-            else:
-                add(size, summary, model, "build", {"seconds": res["build_seconds"], "peak_rss_mb": res["build_peak_rss_mb"]})
-                add(size, summary, model, "epoch", res)
-            add(size, summary, model, "eval", run_stage("scale_eval", timeout, model=model, knn=str(cfg.knn),
-                                                        budget_s=float(cfg.eval_budget_s), **common))
+            _model_stages(lambda *a: add(size, summary, *a), cfg, model, common, timeout,
+                          graph_error if model == "mllmrec" else None)
         if cfg["pop"]:  # not cfg.pop: that is DictConfig.pop, a method
             add(size, summary, "pop", "eval", run_stage("scale_pop", timeout, budget_s=float(cfg.eval_budget_s), **common))
         if not cfg.keep_work:
             shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def _model_stages(add, cfg, model: str, common: dict, timeout: int, graph_error: str | None) -> None:
+    """One model's build, epoch and eval rows at one size (``add(model, stage, result)``); all skipped
+    when the graph stages it needs failed."""
+    if graph_error:
+        for stage in MODEL_STAGES:
+            add(model, stage, {"error": f"skipped: {graph_error}"})
+        return
+    res = run_stage("scale_epoch", timeout, model=model, budget_s=float(cfg.epoch_budget_s), knn=str(cfg.knn), **common)
+    if "error" in res:
+        add(model, "build", res)
+        add(model, "epoch", {"error": "skipped: build or epoch failed"})
+    else:
+        add(model, "build", {"seconds": res["build_seconds"], "peak_rss_mb": res["build_peak_rss_mb"]})
+        add(model, "epoch", res)
+    add(model, "eval", run_stage("scale_eval", timeout, model=model, knn=str(cfg.knn), budget_s=float(cfg.eval_budget_s),
+                                 **common))
 
 
 # ---------------------------------------------------------------------------- reports
