@@ -42,7 +42,7 @@ run: $(STAMP)
 # the suite without the SLURM tests (make test-slurm); e.g. make test MARK='not slurm and not slow'
 MARK ?= not slurm
 test: $(STAMP)
-	$(PY) -m pytest tests -m "$(MARK)" $(ARGS)
+	$(PY) -m pytest tests -m "$(MARK)" --durations=25 $(ARGS)
 
 # ---- a one-node SLURM cluster for hydra/launcher=slurm (docs/launchers.md) -----------------
 slurm-up:

@@ -57,6 +57,9 @@ def built(compose_cfg, name, modalities=("text", "image")):
 @pytest.mark.parametrize("name", MODEL_CONFS)
 def test_training_loss_gradients_match_finite_differences(compose_cfg, name):
     model, data = built(compose_cfg, name)
+    with torch.no_grad():  # 24 users, 20 items: a table sized by the other count (a swap) shows here
+        h_u, h_i = model.representations()
+    assert (h_u.shape[0], h_i.shape[0]) == (data.n_users, data.n_items)
     batch = batch_of(data)
     loss = lambda: fixed_randomness_loss(model, batch)  # noqa: E731
     first, again = loss().item(), loss().item()

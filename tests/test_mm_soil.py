@@ -218,6 +218,36 @@ def test_negative_degree_gives_the_factor_of_an_empty_row(caplog):
     np.testing.assert_array_equal(got[nan], np.float32(1e-7))
 
 
+def test_negative_interest_degrees_are_the_official_loops_and_logged_for_their_modality(caplog):
+    """Issue 31's report: signed features (one modality) give negative interest-graph degrees. Ours are in
+    the same rows as the official user loop's (no top-k tie here), per modality, and the warning names the
+    modality that has them (image: signed features) and not the other (text: positive features)."""
+    rng = np.random.default_rng(3)
+    train = (rng.random((30, 25)) < 0.15).astype(float)
+    feats = {"image": rng.standard_normal((25, 3)), "text": np.abs(rng.standard_normal((25, 4))) + 0.2}
+    sims = [ref.build_sim(feats[m]) for m in ("image", "text")]
+    assert ref.interest_ties(train, sims, 4, 3) == 0
+    official = {}
+    for m, s in zip(("image", "text"), sims):
+        interest = np.zeros_like(s)
+        for u in range(train.shape[0]):  # the official loop: top-k columns over BOTH modalities' sums
+            items = np.flatnonzero(train[u])
+            if len(items):
+                cols = np.unique(np.concatenate([ref.topk(t[items].sum(0), 4).indices.numpy() for t in sims]))
+                interest[np.ix_(items, cols)] += s[np.ix_(items, cols)]
+        official[m] = np.flatnonzero(interest.sum(1) < 0)
+    assert len(official["image"]) == 4 and len(official["text"]) == 0  # rows 3, 4, 20, 24
+    xns = {m: soil.unit_rows(f) for m, f in feats.items()}
+    with caplog.at_level(logging.WARNING, logger="mllmrec.models.soil"):
+        graphs = soil.interest_graphs(sp.csr_matrix(train), xns, 4)
+    assert "interest graph (image): 4 negative degree(s)" in caplog.text and "interest graph (text)" not in caplog.text
+    count = (sp.csr_matrix(train).T @ soil.interest_columns(sp.csr_matrix(train), list(xns.values()), 4)).tocoo()
+    degree = np.bincount(count.row, weights=count.data * soil.pair_cosines(xns["image"], count.row, count.col),
+                         minlength=25)
+    np.testing.assert_array_equal(np.flatnonzero(degree < 0), official["image"])
+    assert set(graphs) == {"image", "text"}
+
+
 def test_top_k_ties_go_to_the_smaller_column():
     scores = torch.tensor([[0.5, 0.9, 0.5, 0.1, 0.5], [0.2, 0.2, 0.2, 0.2, 0.3]])
     vals, cols = soil.topk_desc(scores, 3)
