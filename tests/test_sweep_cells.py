@@ -304,3 +304,22 @@ def test_models_table_has_the_paired_t_test_against_mllmrec(tmp_path):
     assert table.loc["LightGCN", column] == pytest.approx(by_hand("lightgcn"), rel=1e-9) and by_hand("lightgcn") < 0.05
     assert math.isnan(table.loc["MLLMRec", column])
     assert column in (tmp_path / "models.md").read_text().splitlines()[0]
+
+
+def test_where_a_job_wrote_does_not_split_a_cell(tmp_path):
+    """Two sweeps run apart (other output folders, one without a progress bar), joined: one cell per
+    trained setting, its seeds pooled; a setting that changes training still splits."""
+    from mllmrec.sweep.cells import summarize_cells
+    from mllmrec.sweep.summary import collect
+
+    sweep = tmp_path / "joined"
+    runs = [(1, "out_a", "graph.alpha=0.4", 0.10), (2, "out_b", "graph.alpha=0.4", 0.14),
+            (3, "out_b", "graph.alpha=0.6", 0.12)]
+    for num, (seed, out, alpha, val) in enumerate(runs):
+        ovs = [alpha, f"seed={seed}", f"paths.output_dir={out}", f"trainer.enable_progress_bar={num == 0}"]
+        cfg = {"seed": seed, "graph": {"alpha": float(alpha.split("=")[1])}}
+        write_job(sweep, num, ovs, cfg, metrics_of(val, val - 0.01))
+    cells = summarize_cells(collect(sweep))
+    assert len(cells) == 2 and "paths.output_dir" not in cells.columns
+    pooled = cells[cells["graph.alpha"].astype(float) == 0.4].iloc[0]
+    assert pooled["n"] == 2 and pooled["val/recall@20_mean"] == pytest.approx(0.12)

@@ -21,6 +21,9 @@ from mllmrec.metrics import EvalSpec
 RUN_COLUMNS = ("best_epoch", "epochs", "fit_seconds", "seconds_per_epoch")
 NOT_SETTINGS = ("job", "overrides", "status", "error", "seed", *RUN_COLUMNS,
                 "cell", "n", "failed", "seeds", "best", "se_diff", "within_1se_of_best")
+# where a job wrote, what it logged to and how it showed progress: not what it trained (jobs of sweeps
+# run apart into other folders, then joined, are one cell)
+NOT_TRAINING = ("paths.", "hydra.", "logger", "trainer.enable_progress_bar")
 RULE = "within 1 SE of the best: mean gap <= sqrt(s_best²/n_best + s²/n)"
 
 
@@ -32,7 +35,7 @@ def metric_columns(spec: EvalSpec) -> tuple[str, ...]:
 
 def setting_columns(df: pd.DataFrame) -> list[str]:
     """The swept settings that define a cell: every summary column but the seed, status and metrics."""
-    return [c for c in df.columns if c not in NOT_SETTINGS and "=" not in c
+    return [c for c in df.columns if c not in NOT_SETTINGS and "=" not in c and not c.startswith(NOT_TRAINING)
             and not c.startswith(("val/", "test/")) and not c.endswith(("_mean", "_std"))]
 
 
