@@ -30,8 +30,8 @@ class FixedReprs(RankingModule):
     def representations(self):
         return self.h_u, self.h_i
 
-    def score_users(self, users):
-        scores = super().score_users(users)
+    def _pass_scores(self, users):  # the scores of one evaluation batch (one reused block)
+        scores = super()._pass_scores(users)
         self.score_shapes.append(tuple(scores.shape))
         return scores
 
@@ -67,6 +67,7 @@ def blockwise(h_u, h_i, train, held, users, block: int, device: str = "cpu"):
     model = FixedReprs(torch.from_numpy(h_u), torch.from_numpy(h_i)).to(device)
     batches = (make_eval_batch(users[start : start + block], train, held) for start in range(0, len(users), block))
     values = model.evaluate({k: v.to(device) for k, v in batch.items()} for batch in batches)
+    assert model._score_buffer is None  # the pass's reused score block is released with it
     return {m: values[m] for m in METRICS}, model.score_shapes
 
 
