@@ -332,3 +332,33 @@ def test_api_key_never_reaches_a_file(compose_cfg, tiny_data, image_dir, tmp_pat
     assert len(files) > 5
     leaked = [p for p in files if SECRET.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_describe_shards_answer_disjoint_images_and_the_next_run_merges(compose_cfg, tiny_data, image_dir,
+                                                                         fake_engine, tmp_path):
+    """``stages.describe llm.num_shards=3 llm.shard=k`` (the SLURM array's jobs): each shard describes its
+    share of the items that have an image, saves it and publishes nothing; the run without ``llm.shard``
+    sends nothing again and publishes the unsharded run's artifact."""
+    from mllmrec.stages import describe
+
+    base = ("llm=vllm", f"describe.image_dir={image_dir}", "llm.chunk_size=4")
+
+    def run(*over, cache):
+        cfg = compose_cfg(*base, *over, f"paths.cache_dir={cache}")
+        return describe.run(cfg.describe, llm_settings(cfg), tiny_data, _cache(cfg), cfg.dataset.display_name)
+
+    reference = run(cache=tmp_path / "plain")
+    (engine,) = fake_engine
+    assert len(engine.answered) == 20
+    shards = []
+    for shard in range(3):
+        with pytest.raises(runner.ShardDone, match=f"describe: shard {shard} of 3 is done"):
+            run("llm.num_shards=3", f"llm.shard={shard}", cache=tmp_path / "sharded")
+        shards.append(len(engine.answered) - 20 - sum(shards))
+    assert shards == [7, 7, 6]  # the 20 items with an image, dealt round-robin; none sent twice
+    assert not [p for p in (tmp_path / "sharded" / "tiny" / "describe").iterdir() if not p.name.startswith(".")]
+    merged = run(cache=tmp_path / "sharded")
+    assert len(engine.answered) == 40 and merged.manifest["counts"]["reused_saved_answers"] == 20
+    assert merged.key == reference.key
+    pd.testing.assert_frame_equal(pd.read_parquet(merged.file(describe.OUTPUT)),
+                                  pd.read_parquet(reference.file(describe.OUTPUT)))
