@@ -140,6 +140,29 @@ def test_cpu_engine_defaults(tmp_path, caplog):
     assert gpu == {"max_model_len": 4096, "gpu_memory_utilization": 0.9, "limit_mm_per_prompt": {"image": 1}}
 
 
+def test_cpu_threads_bound_to_every_core_of_a_small_machine_unless_the_user_chose(monkeypatch, caplog):
+    bind = vllm_engine.cpu_thread_binding
+    assert bind("cpu", {}, {0, 1}) == "0,1"  # vLLM's auto binding would keep core 1 for its scheduler
+    assert bind("cpu", {}, {5, 2, 3}) == "2,3,5"
+    assert bind("cpu", {"VLLM_CPU_OMP_THREADS_BIND": "0"}, {0, 1}) is None  # the user's binding stands
+    assert bind("cpu", {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, {0, 1}) is None  # so does a reserved count
+    assert bind("cuda", {}, {0, 1}) is None and bind("unknown", {}, {0, 1}) is None
+    assert bind("cpu", {}, {0}) is None  # one core: nothing to share
+    assert bind("cpu", {}, {0, 1}, workers=2) is None  # tensor parallel: one list per worker, vLLM's own
+    assert bind("cpu", {}, set(range(vllm_engine.SMALL_CPU_COUNT + 1))) is None  # a bigger machine: vLLM's own
+    for name in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.setenv(name, "x")  # recorded, so the value set below is undone after the test
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(vllm_engine.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with caplog.at_level(logging.INFO):
+        vllm_engine.bind_cpu_threads("cpu")
+    assert vllm_engine.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"  # inherited by the engine's processes
+    assert "VLLM_CPU_OMP_THREADS_BIND=0,1" in caplog.text
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
+    vllm_engine.bind_cpu_threads("cpu")
+    assert vllm_engine.os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+
+
 def test_vllm_config_errors_become_one_line():
     def refuse(model, **kw):
         raise ValueError("1 validation error for ModelConfig\nmax_num_seqs\n  Input should be a valid integer")

@@ -157,6 +157,8 @@ class VLLMBackend:
             vllm_engine.engine_options(*args, explain=True)  # the same options, with the reasons logged
             log.info("vllm: loading %s (%s)", llm.model, ", ".join(f"{k}={v}" for k, v in engine.items()))
             release_engines()  # one engine at a time on the GPU
+            vllm_engine.bind_cpu_threads(platform, int(engine.get("tensor_parallel_size") or 1)
+                                         * int(engine.get("pipeline_parallel_size") or 1))
             started = time.perf_counter()
             _ENGINES[key] = vllm_engine.load(factory, llm.model, engine)
             log.info("vllm: engine loaded in %.1f s (platform %s)", time.perf_counter() - started, platform)

